@@ -1,0 +1,100 @@
+"""Build the Serve application from a config: `import_path: apps.builder:build_app`.
+
+Validate once, then one ModelServer deployment per model (its options all derived here from the
+schema) and the ingress bound with `{model_id: handle}`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve import Application
+
+from apps.config import AppConfig, ModelConfig, load_config
+from apps.engine_args import engine_env_vars
+from apps.ingress import Ingress
+from apps.model_server import ModelServer
+from apps.placement import placement_for, unplaceable_reason
+
+logger = logging.getLogger("ray.serve")
+# A replica may hold a few more requests than its engine batches, so the next batch is ready
+# the moment a sequence finishes; more than that would only queue inside the engine.
+ONGOING_REQUESTS_HEADROOM = 1.25
+# Autoscaling aims below the batch capacity, so a new replica starts before the batch is full.
+TARGET_ONGOING_SHARE = 0.75
+# An engine loads weights and may compile: give it time before health checks count.
+HEALTH_CHECK_PERIOD_S = 10.0
+HEALTH_CHECK_TIMEOUT_S = 30.0
+
+
+def deployment_name(model_id: str) -> str:
+    """Serve deployment name for a model id (ids may hold '/' or ':', names should not)."""
+    return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model_id)
+
+
+def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
+    """Serve options of one model's deployment: placement, replicas, concurrency, health."""
+    placement = placement_for(model.parallelism)
+    capacity = model.engine.max_num_seqs
+    options: dict[str, Any] = {
+        "name": deployment_name(model.id),
+        "placement_group_bundles": placement.bundles,
+        "placement_group_strategy": placement.strategy,
+        "ray_actor_options": {
+            "num_cpus": placement.replica_num_cpus,
+            "num_gpus": placement.replica_num_gpus,
+            "runtime_env": {"env_vars": engine_env_vars(model)},
+        },
+        "max_ongoing_requests": model.replicas.max_ongoing_requests
+        or math.ceil(capacity * ONGOING_REQUESTS_HEADROOM),
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+    }
+    autoscaling = model.replicas.autoscaling
+    if autoscaling is None:
+        options["num_replicas"] = model.replicas.num_replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": autoscaling.min_replicas,
+            "max_replicas": autoscaling.max_replicas,
+            "target_ongoing_requests": autoscaling.target_ongoing_requests
+            or max(1.0, capacity * TARGET_ONGOING_SHARE),
+        }
+    return options
+
+
+def build_from_config(config: AppConfig) -> Application:
+    """The Serve application for a validated config."""
+    _warn_unplaceable(config)
+    models = {
+        model.id: serve.deployment(ModelServer).options(**model_deployment_options(model)).bind(model)
+        for model in config.models
+    }
+    ingress = serve.deployment(Ingress).options(
+        name="ingress",
+        num_replicas=config.ingress.num_replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+    )
+    return ingress.bind(config, models)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve's application builder: validates `args` (raising one readable error) and builds."""
+    return build_from_config(load_config(args))
+
+
+def _warn_unplaceable(config: AppConfig) -> None:
+    """Say now, not after a silent wait, when a model's replica fits on no node of the cluster."""
+    if not ray.is_initialized():
+        return
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    for model in config.models:
+        reason = unplaceable_reason(placement_for(model.parallelism), nodes)
+        if reason is not None:
+            logger.error("Model %s cannot be placed on the current cluster: %s", model.id, reason)

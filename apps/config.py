@@ -1,0 +1,336 @@
+"""The application's configuration: one pydantic schema for the `args:` of a Serve config file.
+
+Everything else (placement bundles, engine arguments, deployment options, request limits) is
+derived from a validated `AppConfig` in `apps.builder` and `apps.placement`; nothing re-reads the
+YAML. An invalid config fails here, before Ray starts anything, with one message per problem that
+names the field path.
+
+Validation reads only the files it names (each model's `config.json`). Pass the validation
+context `{"check_model_files": False}` to validate a config for another machine (the GPU config
+in CI), which skips the path and attention-head checks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_TOKENS_CAP = 512
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
+DEFAULT_MAX_NUM_SEQS = 64
+DEFAULT_INGRESS_MAX_ONGOING_REQUESTS = 1024
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+# ngram looks up the prompt and mtp uses the target's own heads; the others need a draft model.
+SPECULATIVE_METHODS_WITH_DRAFT = ("draft_model", "eagle", "eagle3")
+
+
+class StrictModel(BaseModel):
+    """Unknown fields are errors: a misspelt knob must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SpeculativeSettings(StrictModel):
+    """vLLM speculative decoding; see vLLM's `SpeculativeConfig` for the methods."""
+
+    method: Literal["ngram", "draft_model", "eagle", "eagle3", "mtp"] = Field(
+        description="Proposer: `ngram` (prompt lookup), `mtp` (the model's own heads) or a draft/EAGLE model."
+    )
+    num_speculative_tokens: int = Field(ge=1, le=16, description="Tokens proposed per step.")
+    model: str | None = Field(
+        default=None, description="Draft or EAGLE model path; required unless method is ngram."
+    )
+    prompt_lookup_max: int | None = Field(
+        default=None, ge=1, description="ngram: longest n-gram to match in the prompt."
+    )
+    prompt_lookup_min: int | None = Field(
+        default=None, ge=1, description="ngram: shortest n-gram to match in the prompt."
+    )
+
+    @model_validator(mode="after")
+    def _draft_model_given(self) -> SpeculativeSettings:
+        needs_model = self.method in SPECULATIVE_METHODS_WITH_DRAFT
+        if needs_model and self.model is None:
+            raise ValueError(f"method {self.method!r} needs `model`: set the draft model's path.")
+        if not needs_model and self.model is not None:
+            raise ValueError(f"method {self.method!r} uses no separate model: remove `model`.")
+        return self
+
+
+class EngineSettings(StrictModel):
+    """The vLLM engine arguments this platform exposes (a deliberate subset, all typed)."""
+
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="Context length; None takes the model's own."
+    )
+    max_num_seqs: int = Field(
+        default=DEFAULT_MAX_NUM_SEQS,
+        ge=1,
+        le=4096,
+        description="Most sequences the engine batches at once: the replica's batch capacity.",
+    )
+    max_num_batched_tokens: int | None = Field(
+        default=None, ge=16, description="Token budget of one scheduler step; None: vLLM's default."
+    )
+    gpu_memory_utilization: float = Field(
+        default=DEFAULT_GPU_MEMORY_UTILIZATION,
+        gt=0.0,
+        le=1.0,
+        description="Share of each GPU's memory vLLM may use (weights + KV cache). GPU only.",
+    )
+    cpu_kvcache_space_gib: int | None = Field(
+        default=None,
+        ge=1,
+        description="KV-cache size in GiB on the CPU backend (VLLM_CPU_KVCACHE_SPACE). CPU only.",
+    )
+    enable_prefix_caching: bool = Field(default=True, description="Reuse KV blocks of shared prefixes.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Weight and activation dtype."
+    )
+    enforce_eager: bool = Field(
+        default=False, description="Skip graph capture / torch.compile: faster start, slower steps."
+    )
+    quantization: str | None = Field(
+        default=None, description="Quantization method known to vLLM (awq, gptq, fp8, ...)."
+    )
+    speculative: SpeculativeSettings | None = Field(
+        default=None, description="Speculative decoding; None disables it."
+    )
+
+
+class ParallelismSettings(StrictModel):
+    """How one replica's engine is split over devices; derived placement is in `apps.placement`."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="TP ranks (one node).")
+    pipeline_parallel_size: int = Field(default=1, ge=1, le=64, description="PP stages.")
+    accelerator: Literal["cpu", "gpu"] = Field(
+        default="cpu", description="Device each worker gets: a GPU, or CPU cores."
+    )
+    accelerator_type: str | None = Field(
+        default=None,
+        description="GPU type Ray schedules on (e.g. A100-80G, L4, H100); GPU only.",
+    )
+    cpus_per_worker: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="Logical Ray CPUs reserved per worker bundle (fractions allowed).",
+    )
+    cpu_threads_bind: str | None = Field(
+        default=None,
+        description=(
+            "CPU only: core ids per rank for VLLM_CPU_OMP_THREADS_BIND, e.g. '0|1'. None splits "
+            "the replica's allowed cores evenly across ranks (vLLM's own 'auto' for one rank)."
+        ),
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @model_validator(mode="after")
+    def _accelerator_fields_match(self) -> ParallelismSettings:
+        if self.accelerator == "cpu" and self.accelerator_type is not None:
+            raise ValueError("accelerator_type is for GPUs: remove it or set accelerator: gpu.")
+        if self.accelerator == "gpu" and self.cpu_threads_bind is not None:
+            raise ValueError("cpu_threads_bind is for the CPU backend: remove it on GPU models.")
+        if self.cpu_threads_bind is not None and len(self.cpu_threads_bind.split("|")) != self.world_size:
+            raise ValueError(
+                f"cpu_threads_bind needs one core list per rank ({self.world_size}), "
+                f"separated by '|'. Given: {self.cpu_threads_bind!r}"
+            )
+        return self
+
+
+class AutoscalingSettings(StrictModel):
+    """Ray Serve autoscaling on ongoing requests per replica."""
+
+    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas (0 scales to zero).")
+    max_replicas: int = Field(default=1, ge=1, description="Most replicas.")
+    target_ongoing_requests: float | None = Field(
+        default=None, gt=0, description="Ongoing requests per replica to aim for; None: derived."
+    )
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})."
+            )
+        return self
+
+
+class ReplicaSettings(StrictModel):
+    """How many copies of the model's engine run, and how much each may take on."""
+
+    num_replicas: int = Field(default=1, ge=1, description="Fixed replica count (no autoscaling).")
+    autoscaling: AutoscalingSettings | None = Field(
+        default=None, description="Autoscaling instead of a fixed count."
+    )
+    max_ongoing_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests Serve sends one replica at once; None: derived from max_num_seqs.",
+    )
+
+
+class RequestLimits(StrictModel):
+    """Per-model request shaping applied at the ingress."""
+
+    default_max_tokens: int = Field(
+        default=DEFAULT_MAX_TOKENS, ge=1, description="max_tokens given to requests without one."
+    )
+    max_tokens_cap: int = Field(
+        default=DEFAULT_MAX_TOKENS_CAP,
+        ge=1,
+        description="Largest max_tokens a request may ask for; more is rejected with 400.",
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Longest prompt in tokens; None: the model's context length minus max_tokens.",
+    )
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> RequestLimits:
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) must be <= max_tokens_cap "
+                f"({self.max_tokens_cap}): lower the default or raise the cap."
+            )
+        return self
+
+
+class ModelConfig(StrictModel):
+    """One served model: one Serve deployment of vLLM engine replicas."""
+
+    id: Annotated[str, Field(pattern=MODEL_ID_PATTERN)] = Field(
+        description="The name clients send as `model`."
+    )
+    path: str = Field(description="Local checkpoint directory (relative paths: to the working dir).")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="vLLM engine settings.")
+    parallelism: ParallelismSettings = Field(
+        default_factory=ParallelismSettings, description="Tensor/pipeline parallelism and devices."
+    )
+    replicas: ReplicaSettings = Field(
+        default_factory=ReplicaSettings, description="Replica count or autoscaling."
+    )
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Request shaping.")
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, path: str, info: ValidationInfo) -> str:
+        if not _checks_model_files(info):
+            return path
+        resolved = Path(path).expanduser().resolve()
+        if not (resolved / "config.json").is_file():
+            raise ValueError(
+                f"no model checkpoint at {resolved} (config.json missing). For the embedded "
+                "default run `python scripts/make_tiny_models.py`."
+            )
+        return str(resolved)
+
+    @model_validator(mode="after")
+    def _parallelism_fits_model(self, info: ValidationInfo) -> ModelConfig:
+        if self.engine.max_model_len is not None:
+            if self.limits.max_tokens_cap >= self.engine.max_model_len:
+                raise ValueError(
+                    f"limits.max_tokens_cap ({self.limits.max_tokens_cap}) must be below "
+                    f"engine.max_model_len ({self.engine.max_model_len}) to leave room for a prompt."
+                )
+        if not _checks_model_files(info):
+            return self
+        heads = _attention_heads(Path(self.path))
+        tp = self.parallelism.tensor_parallel_size
+        if "num_attention_heads" in heads and heads["num_attention_heads"] % tp != 0:
+            count = heads["num_attention_heads"]
+            raise ValueError(
+                f"parallelism.tensor_parallel_size {tp} does not divide the model's "
+                f"num_attention_heads ({count}): choose a divisor of {count}."
+            )
+        # vLLM splits KV heads across ranks, or replicates them when there are fewer than ranks.
+        kv = heads.get("num_key_value_heads")
+        if kv is not None and kv % tp != 0 and tp % kv != 0:
+            raise ValueError(
+                f"parallelism.tensor_parallel_size {tp} and the model's num_key_value_heads "
+                f"({kv}) must divide one another."
+            )
+        return self
+
+
+class IngressSettings(StrictModel):
+    """The OpenAI-compatible HTTP ingress deployment."""
+
+    num_replicas: int = Field(default=1, ge=1, description="Ingress replicas.")
+    num_cpus: float = Field(default=0.1, ge=0.0, description="Logical CPUs per ingress replica.")
+    max_ongoing_requests: int = Field(
+        default=DEFAULT_INGRESS_MAX_ONGOING_REQUESTS,
+        ge=1,
+        description="Concurrent requests one ingress replica handles (Serve's default of 5 throttles streaming).",
+    )
+    health_timeout_s: float = Field(
+        default=2.0, gt=0, description="How long GET /health waits for each model's readiness answer."
+    )
+
+
+class AppConfig(StrictModel):
+    """The `args:` of the application in `configs/*.yaml`."""
+
+    models: list[ModelConfig] = Field(min_length=1, description="The models to serve.")
+    ingress: IngressSettings = Field(default_factory=IngressSettings, description="HTTP ingress.")
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AppConfig:
+        ids = [m.id for m in self.models]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"Duplicate model ids {duplicates}: make each id unique.")
+        return self
+
+
+
+class ConfigError(ValueError):
+    """The application config is invalid; the message lists every problem with its field path."""
+
+
+def load_config(args: dict, *, check_model_files: bool = True) -> AppConfig:
+    """Validate a Serve config's `args`, raising one readable `ConfigError` for all problems."""
+    try:
+        return AppConfig.model_validate(args, context={"check_model_files": check_model_files})
+    except ValidationError as exc:
+        problems = [f"  {_field_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError("Invalid application config:\n" + "\n".join(problems)) from None
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _checks_model_files(info: ValidationInfo) -> bool:
+    return not (info.context or {}).get("check_model_files") is False
+
+
+def _attention_heads(path: Path) -> dict[str, int]:
+    """The head counts tensor parallelism must divide, from the checkpoint's config.json."""
+    try:
+        hf_config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    # Multimodal checkpoints nest the language model's settings.
+    hf_config = hf_config.get("text_config", hf_config)
+    heads = {}
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        if isinstance(hf_config.get(key), int):
+            heads[key] = hf_config[key]
+    return heads

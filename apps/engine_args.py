@@ -1,0 +1,47 @@
+"""vLLM engine arguments for one model, derived from its validated config and placement."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from apps.config import ModelConfig
+from apps.placement import Placement
+
+if TYPE_CHECKING:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+
+def engine_args(model: ModelConfig, placement: Placement) -> AsyncEngineArgs:
+    """The AsyncEngineArgs of `model`'s engine; served under the model's id, not its path."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    engine = model.engine
+    speculative = None
+    if engine.speculative is not None:
+        speculative = engine.speculative.model_dump(exclude_none=True)
+    return AsyncEngineArgs(
+        model=model.path,
+        served_model_name=[model.id],
+        tensor_parallel_size=model.parallelism.tensor_parallel_size,
+        pipeline_parallel_size=model.parallelism.pipeline_parallel_size,
+        distributed_executor_backend=placement.executor_backend,
+        max_model_len=engine.max_model_len,
+        max_num_seqs=engine.max_num_seqs,
+        max_num_batched_tokens=engine.max_num_batched_tokens,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        enable_prefix_caching=engine.enable_prefix_caching,
+        dtype=engine.dtype,
+        enforce_eager=engine.enforce_eager,
+        quantization=engine.quantization,
+        speculative_config=speculative,
+        # Engine stats feed vLLM's Prometheus metrics (queue length, KV use, prefix hits).
+        disable_log_stats=False,
+    )
+
+
+def engine_env_vars(model: ModelConfig) -> dict[str, str]:
+    """Environment the replica process needs before vLLM is imported (CPU backend knobs)."""
+    env: dict[str, str] = {}
+    if model.parallelism.accelerator == "cpu" and model.engine.cpu_kvcache_space_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(model.engine.cpu_kvcache_space_gib)
+    return env

@@ -1,0 +1,139 @@
+"""Every error the gateway answers with, and the one function that turns an error into a response.
+
+    GatewayError                  status, OpenAI `type`, stable `code`, optional `param`
+    +-- ClientError               4xx: the request is wrong; retrying it unchanged will not help
+    |   +-- InvalidRequest        400 a parameter is missing, of the wrong type or out of range
+    |   +-- ModelNotFound         404 the `model` is not served here
+    |   +-- RouteNotFound         404/405 no such endpoint or method
+    |   +-- EngineRejected        4xx the engine (vLLM's OpenAI layer) refused the request
+    +-- ServerError               5xx: our fault or a dead engine; the request may be retried
+        +-- EngineUnavailable     503 the model has no live engine to answer
+        +-- InternalError         500 anything else, with a sanitised message
+
+The `code` string is stable: clients can switch on it, and metrics use it as the rejection label.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
+
+JSON_MEDIA_TYPE = "application/json"
+logger = logging.getLogger("ray.serve")
+
+
+class GatewayError(Exception):
+    """An error with its HTTP status and OpenAI error fields."""
+
+    status: int = HTTPStatus.INTERNAL_SERVER_ERROR
+    type: str = "server_error"
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class ClientError(GatewayError):
+    """The request is wrong (4xx)."""
+
+    status = HTTPStatus.BAD_REQUEST
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class InvalidRequest(ClientError):
+    """A parameter is missing, of the wrong type or out of range (400)."""
+
+
+class ModelNotFound(ClientError):
+    """The requested model is not served here (404)."""
+
+    status = HTTPStatus.NOT_FOUND
+    code = "model_not_found"
+
+
+class RouteNotFound(ClientError):
+    """No such endpoint, or the endpoint does not take this method (404/405)."""
+
+    code = "not_found"
+
+    def __init__(self, message: str, *, status: int = HTTPStatus.NOT_FOUND) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class EngineRejected(ClientError):
+    """The engine's OpenAI layer refused the request with a 4xx (bad sampling parameter, prompt too long)."""
+
+    def __init__(self, message: str, *, status: int, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.status = status
+
+
+class ServerError(GatewayError):
+    """Our fault or a dead engine (5xx)."""
+
+
+class EngineUnavailable(ServerError):
+    """The model has no live engine to answer (503)."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    code = "engine_unavailable"
+
+
+class InternalError(ServerError):
+    """Anything unexpected; the message sent is generic, the details stay in the log (500)."""
+
+
+def error_body(error: GatewayError) -> dict[str, Any]:
+    """OpenAI's error object for `error`."""
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.type,
+            "param": error.param,
+            "code": error.code,
+        }
+    }
+
+
+def error_json(error: GatewayError) -> bytes:
+    return json.dumps(error_body(error)).encode()
+
+
+def error_event(error: GatewayError) -> bytes:
+    """The error as the last events of a stream whose 200 headers are already sent (vLLM's way)."""
+    return b"data: " + error_json(error) + b"\n\ndata: [DONE]\n\n"
+
+
+def engine_error(status: int, message: str, param: str | None) -> GatewayError:
+    """Translate an error that vLLM's OpenAI layer returned into ours, keeping its status."""
+    if 400 <= status < 500:
+        return EngineRejected(message, status=status, param=param)
+    if status == HTTPStatus.NOT_IMPLEMENTED:
+        # vLLM answers 501 for a feature this model or build lacks: the request asked for it.
+        return EngineRejected(message, status=HTTPStatus.BAD_REQUEST, param=param)
+    if status == HTTPStatus.SERVICE_UNAVAILABLE:
+        return EngineUnavailable(message)
+    return InternalError(message)
+
+
+def model_call_error(model_id: str, exc: Exception) -> GatewayError:
+    """Translate a failure of the Ray call to a model deployment (not an answer of the engine)."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return EngineUnavailable(f"Model {model_id} is overloaded; retry later.", code="overloaded")
+    if isinstance(exc, RayActorError):
+        return EngineUnavailable(f"The replica of model {model_id} serving this request died.")
+    logger.error("Call to model %s failed: %r", model_id, exc)
+    return InternalError("Internal server error.")

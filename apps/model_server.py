@@ -1,0 +1,153 @@
+"""The model server: one Ray Serve replica holding one vLLM `AsyncLLM` engine.
+
+Chat and text completions go through vLLM's own OpenAI serving layer (chat templates, sampling
+parameters, stop sequences, usage); this class only adapts it to the wire of `apps.streaming`:
+a `ResponseHead`, then raw SSE bytes. Serve calls `check_health` periodically; it fails once the
+engine is dead, and Serve then replaces the replica.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from apps.config import ModelConfig
+from apps.engine_args import engine_args
+from apps.errors import (
+    JSON_MEDIA_TYPE,
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    engine_error,
+    error_event,
+    error_json,
+)
+from apps.placement import omp_threads_bind, placement_for
+from apps.streaming import SSE_MEDIA_TYPE, ResponseHead, coalesce
+from apps.validation import Endpoint
+
+logger = logging.getLogger("ray.serve")
+
+
+class ModelServer:
+    """Serves one model; Serve runs N replicas of it, each with its own engine and placement group."""
+
+    async def __init__(self, model: ModelConfig) -> None:
+        # vLLM is imported here, in the replica, so building the app stays light.
+        from ray.util.placement_group import get_current_placement_group
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import FrontendArgs
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.executor.abstract import Executor
+
+        self._model = model
+        placement = placement_for(model.parallelism)
+        if model.parallelism.accelerator == "cpu":
+            # Read by vLLM when it starts the workers, so set before the engine exists.
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind(
+                model.parallelism.world_size,
+                sorted(os.sched_getaffinity(0)),
+                model.parallelism.cpu_threads_bind,
+            )
+        args = engine_args(model, placement)
+        vllm_config = args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        if placement.executor_backend == "ray":
+            # The ray executor starts its GPU workers in this replica's placement group.
+            vllm_config.parallel_config.placement_group = get_current_placement_group()
+        self._engine = AsyncLLM(
+            vllm_config=vllm_config,
+            executor_class=Executor.get_class(vllm_config),
+            log_stats=not args.disable_log_stats,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+        )
+        state = State()
+        frontend = argparse.Namespace(**(vars(FrontendArgs()) | vars(args)))
+        await init_app_state(
+            self._engine,
+            state,
+            frontend,
+            supported_tasks=await self._engine.get_supported_tasks(),
+        )
+        self._serving = {"chat": state.openai_serving_chat, "completion": state.openai_serving_completion}
+        self._request_types: dict[Endpoint, type[BaseModel]] = {
+            "chat": ChatCompletionRequest,
+            "completion": CompletionRequest,
+        }
+        logger.info("Model %s ready: %s", model.id, placement)
+
+    async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[ResponseHead | bytes]:
+        """Run one OpenAI request; yields a `ResponseHead`, then (streams only) SSE bytes."""
+        try:
+            result = await self._start(endpoint, body)
+        except GatewayError as error:
+            yield ResponseHead(error.status, JSON_MEDIA_TYPE, error_json(error))
+            return
+        if isinstance(result, BaseModel):
+            yield ResponseHead(200, JSON_MEDIA_TYPE, result.model_dump_json().encode())
+            return
+        chunks = coalesce(result)
+        try:
+            yield ResponseHead(200, SSE_MEDIA_TYPE, await anext(chunks))
+            async for chunk in chunks:
+                yield chunk
+        except Exception:
+            logger.exception("Stream of model %s failed", self._model.id)
+            yield error_event(InternalError("The engine failed while streaming the response."))
+        finally:
+            await chunks.aclose()
+
+    async def _start(self, endpoint: Endpoint, body: dict[str, Any]) -> BaseModel | AsyncIterator[str]:
+        """Validate with vLLM's protocol model and submit; the stream or the full response."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            request = self._request_types[endpoint].model_validate(body)
+        except ValidationError as exc:
+            raise _invalid_request(exc) from None
+        serving = self._serving[endpoint]
+        try:
+            if endpoint == "chat":
+                result = await serving.create_chat_completion(request)
+            else:
+                result = await serving.create_completion(request)
+        except (ValueError, TypeError, VLLMClientError) as exc:
+            result = serving.create_error_response(exc)
+        if isinstance(result, ErrorResponse):
+            info = result.error
+            if info.code >= 500:
+                logger.error("Model %s answered %s: %s", self._model.id, info.code, info.message)
+            raise engine_error(info.code, info.message, info.param)
+        return result
+
+    async def is_ready(self) -> bool:
+        """Answered once the constructor is done, i.e. the engine is up (used by GET /health)."""
+        return True
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: raises when the engine has died."""
+        await self._engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def _invalid_request(exc: ValidationError) -> InvalidRequest:
+    """vLLM's protocol model refused the body: 400 naming the first bad field."""
+    first = exc.errors(include_url=False)[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    message = f"{first['msg']} (parameter `{param}`)" if param else first["msg"]
+    if first.get("input") is not None and first["type"] not in ("missing", "extra_forbidden"):
+        message += f". Given: {str(first['input'])[:200]}"
+    return InvalidRequest(message, param=param)
