@@ -199,7 +199,10 @@ class RequestLimits(StrictModel):
     max_prompt_tokens: int | None = Field(
         default=None,
         ge=1,
-        description="Longest prompt in tokens; None: the model's context length minus max_tokens.",
+        description=(
+            "Longest prompt in tokens, checked against the context length here. Until admission "
+            "control lands, the engine enforces only max_model_len (prompt + max_tokens)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -243,11 +246,19 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _parallelism_fits_model(self, info: ValidationInfo) -> ModelConfig:
-        if self.engine.max_model_len is not None:
-            if self.limits.max_tokens_cap >= self.engine.max_model_len:
+        context = self.engine.max_model_len
+        if context is not None:
+            if self.limits.max_tokens_cap >= context:
                 raise ValueError(
                     f"limits.max_tokens_cap ({self.limits.max_tokens_cap}) must be below "
-                    f"engine.max_model_len ({self.engine.max_model_len}) to leave room for a prompt."
+                    f"engine.max_model_len ({context}) to leave room for a prompt."
+                )
+            prompt_cap = self.limits.max_prompt_tokens
+            if prompt_cap is not None and prompt_cap + self.limits.max_tokens_cap > context:
+                raise ValueError(
+                    f"limits.max_prompt_tokens ({prompt_cap}) + limits.max_tokens_cap "
+                    f"({self.limits.max_tokens_cap}) exceed engine.max_model_len ({context}): "
+                    "such a request could never run; lower one of them."
                 )
         if not _checks_model_files(info):
             return self

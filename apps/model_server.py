@@ -20,6 +20,7 @@ from apps.config import ModelConfig
 from apps.engine_args import engine_args
 from apps.errors import (
     JSON_MEDIA_TYPE,
+    EngineUnavailable,
     GatewayError,
     InternalError,
     InvalidRequest,
@@ -109,6 +110,7 @@ class ModelServer:
         """Validate with vLLM's protocol model and submit; the stream or the full response."""
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
             request = self._request_types[endpoint].model_validate(body)
@@ -122,6 +124,9 @@ class ModelServer:
                 result = await serving.create_completion(request)
         except (ValueError, TypeError, VLLMClientError) as exc:
             result = serving.create_error_response(exc)
+        except EngineDeadError:
+            # Serve's health check replaces this replica shortly; the client may retry.
+            raise EngineUnavailable(f"The engine of model {self._model.id} has stopped.") from None
         if isinstance(result, ErrorResponse):
             info = result.error
             if info.code >= 500:

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# From a fresh clone to a serving endpoint on http://127.0.0.1:8000: install, make the tiny
+# models, serve configs/app.yaml (or the config given as the first argument).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+exec .venv/bin/serve run "${1:-configs/app.yaml}"

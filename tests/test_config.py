@@ -1,0 +1,97 @@
+"""The config contract: a bad config fails before anything starts, with one message that names the
+field path and what is wrong; the committed configs validate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from apps.config import ConfigError, load_config
+from tests.conftest import app_args
+
+
+def one_model(path: str, **fields: Any) -> dict[str, Any]:
+    return {"models": [{"id": "m", "path": path, **fields}]}
+
+
+# (case id, build args from a checkpoint path, field path expected in the message, phrase expected)
+INVALID_CONFIGS = [
+    ("unknown_field", lambda p: one_model(p, engine={"max_num_seq": 8}), "models.0.engine.max_num_seq", "Extra inputs"),
+    ("wrong_type", lambda p: one_model(p, engine={"max_num_seqs": "many"}), "models.0.engine.max_num_seqs", "valid integer"),
+    ("tp_not_dividing_heads", lambda p: one_model(p, parallelism={"tensor_parallel_size": 3}), "models.0", "does not divide"),
+    ("duplicate_id", lambda p: {"models": [{"id": "m", "path": p}, {"id": "m", "path": p}]}, "(top level)", "Duplicate model ids ['m']"),
+    ("missing_path", lambda p: one_model(p + "-missing"), "models.0.path", "no model checkpoint"),
+    ("no_models", lambda p: {"models": []}, "models", "at least 1 item"),
+    ("default_above_cap", lambda p: one_model(p, limits={"default_max_tokens": 600, "max_tokens_cap": 512}), "models.0.limits", "default_max_tokens (600) must be <= max_tokens_cap (512)"),
+    ("cap_not_below_context", lambda p: one_model(p, engine={"max_model_len": 512}, limits={"max_tokens_cap": 512, "default_max_tokens": 256}), "models.0", "must be below engine.max_model_len"),
+    ("prompt_cap_plus_output_over_context", lambda p: one_model(p, engine={"max_model_len": 1024}, limits={"max_prompt_tokens": 800}), "models.0", "exceed engine.max_model_len"),
+    ("gpu_memory_over_one", lambda p: one_model(p, engine={"gpu_memory_utilization": 1.5}), "models.0.engine.gpu_memory_utilization", "less than or equal to 1"),
+    ("min_above_max_replicas", lambda p: one_model(p, replicas={"autoscaling": {"min_replicas": 3, "max_replicas": 2}}), "models.0.replicas.autoscaling", "min_replicas (3) must be <= max_replicas (2)"),
+    ("draft_method_without_model", lambda p: one_model(p, engine={"speculative": {"method": "draft_model", "num_speculative_tokens": 3}}), "models.0.engine.speculative", "needs `model`"),
+    ("accelerator_type_on_cpu", lambda p: one_model(p, parallelism={"accelerator_type": "A100"}), "models.0.parallelism", "accelerator_type is for GPUs"),
+    ("threads_bind_rank_count", lambda p: one_model(p, parallelism={"tensor_parallel_size": 2, "cpu_threads_bind": "0"}), "models.0.parallelism", "one core list per rank (2)"),
+    ("bad_model_id", lambda p: {"models": [{"id": "bad id!", "path": p}]}, "models.0.id", "should match pattern"),
+    ("unknown_dtype", lambda p: one_model(p, engine={"dtype": "float8"}), "models.0.engine.dtype", "Input should be"),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "field_path", "phrase"),
+    [case[1:] for case in INVALID_CONFIGS],
+    ids=[case[0] for case in INVALID_CONFIGS],
+)
+def test_invalid_config_names_field_and_problem(make_checkpoint, build, field_path, phrase):
+    with pytest.raises(ConfigError) as raised:
+        load_config(build(make_checkpoint()))
+    message = str(raised.value)
+    assert message.startswith("Invalid application config:"), message
+    assert f"  {field_path}: " in message, f"field path {field_path!r} not named in:\n{message}"
+    assert phrase in message, f"{phrase!r} not in:\n{message}"
+
+
+def test_every_problem_is_reported_at_once(make_checkpoint):
+    args = {"models": [{"id": "m", "path": make_checkpoint(), "engine": {"dtype": 1, "bogus": 2}}]}
+    with pytest.raises(ConfigError) as raised:
+        load_config(args)
+    lines = str(raised.value).splitlines()[1:]
+    assert len(lines) == 2, lines
+
+
+def test_kv_heads_fewer_than_ranks_are_replicated(make_checkpoint):
+    # 70B-style: 64 query heads, 8 KV heads; TP 16 replicates KV heads, which vLLM supports.
+    config = load_config(one_model(make_checkpoint(heads=64, kv_heads=8), parallelism={"tensor_parallel_size": 16}))
+    assert config.models[0].parallelism.tensor_parallel_size == 16
+
+
+def test_relative_path_resolves_to_absolute(make_checkpoint, monkeypatch, tmp_path):
+    make_checkpoint("rel")
+    monkeypatch.chdir(tmp_path)
+    config = load_config(one_model("rel"))
+    assert config.models[0].path == str(tmp_path / "rel")
+
+
+def test_defaults_follow_the_field(make_checkpoint):
+    model = load_config(one_model(make_checkpoint())).models[0]
+    assert model.limits.default_max_tokens == 256
+    assert model.engine.gpu_memory_utilization == 0.92
+    assert model.engine.enable_prefix_caching is True
+
+
+def test_embedded_default_config_is_valid():
+    config = load_config(app_args("app.yaml"))
+    tp = {m.id: m.parallelism.tensor_parallel_size for m in config.models}
+    assert tp == {"tiny-chat": 1, "tiny-chat-tp2": 2}
+
+
+def test_gpu_config_is_valid_for_a_gpu_cluster():
+    # The checkpoints live on the GPU nodes, not here: validate everything but the files.
+    config = load_config(app_args("gpu.yaml"), check_model_files=False)
+    by_id = {m.id: m for m in config.models}
+    big = by_id["llama-3.1-70b-instruct-awq"]
+    assert big.parallelism.accelerator == "gpu" and big.parallelism.tensor_parallel_size == 4
+    assert big.engine.quantization == "awq" and big.engine.speculative is not None
+    assert all(m.engine.enable_prefix_caching for m in config.models)
+    # Llama 3.1 70B has 64 attention heads and 8 KV heads; 8B has 32 and 8.
+    assert 64 % big.parallelism.tensor_parallel_size == 0
+    assert 8 % by_id["llama-3.1-8b-instruct"].parallelism.tensor_parallel_size == 0

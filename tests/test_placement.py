@@ -1,0 +1,106 @@
+"""Placement contract: one bundle per TP x PP worker, STRICT_PACK for single-stage groups, GPU
+bundles with the ray executor, CPU bundles with the mp executor and per-rank core binding; the
+deployment options derived from the schema."""
+
+from __future__ import annotations
+
+import pytest
+
+from apps.builder import deployment_name, model_deployment_options
+from apps.config import ModelConfig, ParallelismSettings
+from apps.placement import omp_threads_bind, placement_for, unplaceable_reason
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_gpu_tensor_parallel_gets_one_gpu_bundle_per_rank_on_one_node(tp):
+    placement = placement_for(
+        ParallelismSettings(accelerator="gpu", tensor_parallel_size=tp, cpus_per_worker=2)
+    )
+    assert len(placement.bundles) == tp
+    assert all(bundle["GPU"] == 1 for bundle in placement.bundles)
+    assert placement.bundles[0]["CPU"] == 2, "the replica actor's CPU lives in bundle 0"
+    assert all("CPU" not in bundle for bundle in placement.bundles[1:])
+    assert placement.strategy == "STRICT_PACK"
+    assert placement.executor_backend == "ray"
+    assert (placement.replica_num_cpus, placement.replica_num_gpus) == (2, 0)
+
+
+def test_gpu_pipeline_parallel_may_span_nodes():
+    placement = placement_for(
+        ParallelismSettings(accelerator="gpu", tensor_parallel_size=4, pipeline_parallel_size=2)
+    )
+    assert len(placement.bundles) == 8
+    assert placement.strategy == "PACK"
+
+
+def test_gpu_accelerator_type_is_requested_in_every_bundle():
+    placement = placement_for(
+        ParallelismSettings(accelerator="gpu", accelerator_type="A100-80G", tensor_parallel_size=2)
+    )
+    assert all(bundle["accelerator_type:A100-80G"] == 0.001 for bundle in placement.bundles)
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(1, 1), (2, 1), (4, 1), (8, 1), (2, 2)])
+def test_cpu_workers_get_cpu_bundles_and_the_mp_executor(tp, pp):
+    placement = placement_for(
+        ParallelismSettings(tensor_parallel_size=tp, pipeline_parallel_size=pp, cpus_per_worker=0.5)
+    )
+    assert placement.bundles == [{"CPU": 0.5}] * (tp * pp)
+    assert placement.executor_backend == "mp"
+    assert placement.strategy == ("STRICT_PACK" if pp == 1 else "PACK")
+    assert (placement.replica_num_cpus, placement.replica_num_gpus) == (0.5, 0)
+
+
+def test_cpu_ranks_split_allowed_cores_evenly():
+    assert omp_threads_bind(2, [0, 1], None) == "0|1"
+    assert omp_threads_bind(2, [3, 2, 1, 0], None) == "0,1|2,3"
+    assert omp_threads_bind(4, list(range(8)), None) == "0,1|2,3|4,5|6,7"
+
+
+def test_cpu_single_rank_uses_vllm_auto_binding_and_config_wins():
+    assert omp_threads_bind(1, [0, 1], None) == "auto"
+    assert omp_threads_bind(2, [0, 1], "0-3|4-7") == "0-3|4-7"
+
+
+def test_cpu_ranks_need_a_core_each():
+    with pytest.raises(ValueError, match="2 CPU ranks need at least 2 cores"):
+        omp_threads_bind(2, [0], None)
+
+
+def test_strict_pack_group_larger_than_any_node_is_explained():
+    nodes = [{"CPU": 8, "GPU": 4}, {"CPU": 8, "GPU": 4}]
+    tp8 = placement_for(ParallelismSettings(accelerator="gpu", tensor_parallel_size=8))
+    tp4 = placement_for(ParallelismSettings(accelerator="gpu", tensor_parallel_size=4))
+    reason = unplaceable_reason(tp8, nodes)
+    assert reason is not None and "'GPU': 8" in reason and "'GPU': 4" in reason, reason
+    assert unplaceable_reason(tp4, nodes) is None
+
+
+def test_deployment_options_derive_from_batch_capacity():
+    model = ModelConfig.model_validate(
+        {"id": "org/model:v1", "path": "/x", "engine": {"max_num_seqs": 64}},
+        context={"check_model_files": False},
+    )
+    options = model_deployment_options(model)
+    assert options["name"] == deployment_name("org/model:v1") == "model-org_model_v1"
+    assert options["max_ongoing_requests"] == 80
+    assert options["num_replicas"] == 1
+    assert options["placement_group_bundles"] == [{"CPU": 1.0}]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+
+
+def test_deployment_options_autoscaling_and_kv_cache_env():
+    model = ModelConfig.model_validate(
+        {
+            "id": "m",
+            "path": "/x",
+            "engine": {"max_num_seqs": 32, "cpu_kvcache_space_gib": 2},
+            "replicas": {"autoscaling": {"min_replicas": 0, "max_replicas": 3}, "max_ongoing_requests": 40},
+        },
+        context={"check_model_files": False},
+    )
+    options = model_deployment_options(model)
+    assert "num_replicas" not in options
+    assert options["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 24.0}
+    assert options["max_ongoing_requests"] == 40
+    assert options["ray_actor_options"]["runtime_env"]["env_vars"] == {"VLLM_CPU_KVCACHE_SPACE": "2"}

@@ -1,0 +1,287 @@
+"""The serving contract, end to end on the real stack: configs/app.yaml (two tiny models, TP 1 and
+TP 2, real vLLM CPU engines) in a real Ray Serve app, driven by the official openai client.
+
+The tiny models' text is gibberish, so tests assert on the protocol, statuses, token counts and
+placement. `ignore_eos` makes the generated length exactly max_tokens; logprobs carry one entry per
+generated token even when the engine packs several tokens into one chunk, so they count the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+import ray
+from ray import serve
+from ray.util.state import list_actors, list_placement_groups
+
+from apps.builder import build_app, deployment_name
+from tests.conftest import ROOT, app_args
+
+PORT = 18000
+BASE_URL = f"http://127.0.0.1:{PORT}"
+MODELS = ["tiny-chat", "tiny-chat-tp2"]
+MESSAGES = [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "Say something."},
+]
+EXACT = {"ignore_eos": True}  # vLLM extension: generate exactly max_tokens tokens
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[str]:
+    """The embedded default app, started once for the module; yields the base URL."""
+    args = app_args("app.yaml")
+    for model in args["models"]:
+        model["path"] = str(ROOT / model["path"])
+    # The dashboard serves the state API that the placement and replica checks read.
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        serve.run(build_app(args), name="llm", route_prefix="/")
+        yield BASE_URL
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(gateway: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def async_client(gateway: str) -> Callable[[], openai.AsyncOpenAI]:
+    """Makes an async client; each test's event loop needs its own connection pool."""
+    return lambda: openai.AsyncOpenAI(
+        base_url=f"{gateway}/v1", api_key="unused", max_retries=0, timeout=120
+    )
+
+
+def test_health_is_ok_when_every_model_has_a_ready_replica(gateway):
+    response = httpx.get(f"{gateway}/health", timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["models"] == MODELS
+
+
+def test_models_lists_the_served_ids(client):
+    assert [model.id for model in client.models.list().data] == MODELS
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_chat_returns_text_and_usage_with_exact_max_tokens(client, model):
+    response = client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=7, logprobs=True, extra_body=EXACT
+    )
+    choice = response.choices[0]
+    assert response.model == model
+    assert choice.message.content, "no text generated"
+    assert choice.finish_reason == "length"
+    assert response.usage.completion_tokens == 7
+    assert len(choice.logprobs.content) == 7, "logprobs disagree with usage"
+    assert response.usage.total_tokens == response.usage.prompt_tokens + 7
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_chat_stream_counts_match_usage(client, model):
+    stream = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        max_tokens=9,
+        logprobs=True,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=EXACT,
+    )
+    streamed_tokens, text, usage, finish = 0, "", None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            streamed_tokens += len(choice.logprobs.content) if choice.logprobs else 0
+            finish = choice.finish_reason or finish
+    assert text, "no text streamed"
+    assert finish == "length"
+    assert usage is not None and usage.completion_tokens == 9
+    assert streamed_tokens == 9, f"streamed {streamed_tokens} tokens, usage says 9"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_async_completion_stream_and_non_stream(async_client, model):
+    async def run() -> tuple[openai.types.Completion, int, openai.types.CompletionUsage | None]:
+        async with async_client() as client:
+            return await both(client)
+
+    async def both(client: openai.AsyncOpenAI):
+        whole = await client.completions.create(
+            model=model, prompt="Once upon", max_tokens=5, logprobs=1, extra_body=EXACT
+        )
+        stream = await client.completions.create(
+            model=model,
+            prompt="Once upon",
+            max_tokens=6,
+            logprobs=1,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=EXACT,
+        )
+        tokens, usage = 0, None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                tokens += len(choice.logprobs.tokens) if choice.logprobs else 0
+        return whole, tokens, usage
+
+    whole, streamed, usage = asyncio.run(run())
+    assert whole.choices[0].text and whole.usage.completion_tokens == 5
+    assert len(whole.choices[0].logprobs.tokens) == 5
+    assert streamed == 6 and usage is not None and usage.completion_tokens == 6
+
+
+def test_missing_max_tokens_gets_the_model_default(client):
+    response = client.completions.create(model="tiny-chat", prompt="Hello", extra_body=EXACT)
+    assert response.usage.completion_tokens == 256, "default max_tokens of configs/app.yaml"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_max_tokens_over_cap_is_400_naming_the_cap(client, model):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=513)
+    assert raised.value.status_code == 400
+    assert raised.value.body == {
+        "message": f"`max_tokens` must be <= 512 for model {model}. Given: 513",
+        "type": "invalid_request_error",
+        "param": "max_tokens",
+        "code": "max_tokens_too_large",
+    }
+
+
+def test_unknown_model_is_404_listing_served_ids(client):
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.chat.completions.create(model="gpt-unknown", messages=MESSAGES)
+    assert raised.value.status_code == 404
+    assert raised.value.body["code"] == "model_not_found"
+    assert str(MODELS) in raised.value.body["message"]
+
+
+def test_malformed_json_is_400(gateway):
+    response = httpx.post(
+        f"{gateway}/v1/chat/completions",
+        content=b'{"model": "tiny-chat", "messages": [',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_json" and error["type"] == "invalid_request_error"
+
+
+def test_bad_parameter_rejected_by_the_engine_layer_is_400(gateway):
+    response = httpx.post(
+        f"{gateway}/v1/chat/completions",
+        json={"model": "tiny-chat-tp2", "messages": MESSAGES, "temperature": -1},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "temperature"
+
+
+def test_stream_is_server_sent_events_ending_with_done(gateway):
+    with httpx.stream(
+        "POST",
+        f"{gateway}/v1/chat/completions",
+        json={"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 3, "stream": True},
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    assert all(event.startswith("data: ") for event in events)
+    assert json.loads(events[0][len("data: ") :])["object"] == "chat.completion.chunk"
+
+
+def test_32_concurrent_streams_across_both_models_complete(async_client):
+    async def one(client: openai.AsyncOpenAI, i: int) -> int:
+        stream = await client.chat.completions.create(
+            model=MODELS[i % 2],
+            messages=[{"role": "user", "content": f"request {i}"}],
+            max_tokens=24,
+            logprobs=True,
+            stream=True,
+            extra_body=EXACT,
+        )
+        tokens = 0
+        async for chunk in stream:
+            for choice in chunk.choices:
+                tokens += len(choice.logprobs.content) if choice.logprobs else 0
+        return tokens
+
+    async def run() -> list[int]:
+        async with async_client() as client:
+            return await asyncio.gather(*(one(client, i) for i in range(32)))
+
+    assert asyncio.run(run()) == [24] * 32
+
+
+def test_tp2_replica_has_two_bundles_strict_packed(gateway):
+    prefix = f"SERVE_REPLICA::llm#{deployment_name('tiny-chat-tp2')}#"
+    groups = [
+        group
+        for group in list_placement_groups(detail=True)
+        if group.name.startswith(prefix) and group.state == "CREATED"
+    ]
+    assert len(groups) == 1, [group.name for group in list_placement_groups()]
+    (group,) = groups
+    assert [bundle["unit_resources"] for bundle in group.bundles] == [{"CPU": 0.5}, {"CPU": 0.5}]
+    assert len({bundle["node_id"] for bundle in group.bundles}) == 1, "bundles on one node"
+    # The state API does not carry the strategy; the placement group table does.
+    assert ray.util.placement_group_table()[group.placement_group_id]["strategy"] == "STRICT_PACK"
+
+
+def test_replica_whose_engine_dies_is_replaced(client):
+    """Runs last: kills the TP 1 model's engine process and waits for Serve to replace the replica."""
+    actor_class = f"ServeReplica:llm:{deployment_name('tiny-chat')}"
+    before = _alive_actor_ids(actor_class)
+    assert len(before) == 1, before
+    replica = _process_with_title(f"ray::{actor_class}")
+    engines = [p for p in replica.children() if "EngineCore" in " ".join(p.cmdline())]
+    assert engines, "no engine core process under the replica"
+    for engine in engines:
+        engine.kill()
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        after = _alive_actor_ids(actor_class)
+        if after and after != before and _chat_works(client, "tiny-chat"):
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"replica not replaced: before {before}, now {_alive_actor_ids(actor_class)}")
+    assert _chat_works(client, "tiny-chat-tp2"), "the other model must be unaffected"
+
+
+def _alive_actor_ids(class_name: str) -> set[str]:
+    actors = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+    return {actor.actor_id for actor in actors}
+
+
+def _process_with_title(title: str) -> psutil.Process:
+    for process in psutil.process_iter(["cmdline"]):
+        if (process.info["cmdline"] or [""])[0] == title:
+            return process
+    raise AssertionError(f"no process titled {title!r}")
+
+
+def _chat_works(client: openai.OpenAI, model: str) -> bool:
+    try:
+        response = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2)
+    except openai.APIError:
+        return False
+    return response.usage.completion_tokens >= 1
