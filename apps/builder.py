@@ -89,12 +89,19 @@ def build_app(args: dict[str, Any]) -> Application:
     return build_from_config(load_config(args))
 
 
-def _warn_unplaceable(config: AppConfig) -> None:
-    """Say now, not after a silent wait, when a model's replica fits on no node of the cluster."""
+def unplaceable_models(config: AppConfig) -> dict[str, str]:
+    """Models whose replica fits on no alive node of the connected Ray cluster, with the reason."""
     if not ray.is_initialized():
-        return
+        return {}
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    for model in config.models:
-        reason = unplaceable_reason(placement_for(model.parallelism), nodes)
-        if reason is not None:
-            logger.error("Model %s cannot be placed on the current cluster: %s", model.id, reason)
+    reasons = {
+        model.id: unplaceable_reason(placement_for(model.parallelism), nodes) for model in config.models
+    }
+    return {model_id: reason for model_id, reason in reasons.items() if reason is not None}
+
+
+def _warn_unplaceable(config: AppConfig) -> None:
+    """Say now, not after a silent wait, when a model's replica fits on no node of the cluster.
+    Serve itself repeats it in the deployment's status message once scheduling is slow."""
+    for model_id, reason in unplaceable_models(config).items():
+        logger.error("Model %s cannot be placed on the current cluster: %s", model_id, reason)
