@@ -192,6 +192,14 @@ def test_bad_parameter_rejected_by_the_engine_layer_is_400(gateway):
     assert response.json()["error"]["param"] == "temperature"
 
 
+def test_prompt_longer_than_the_context_is_400(client):
+    long_prompt = "word " * 3000  # more tokens than max_model_len 2048
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="tiny-chat", prompt=long_prompt, max_tokens=10)
+    assert raised.value.status_code == 400
+    assert "context length" in raised.value.body["message"]
+
+
 def test_stream_is_server_sent_events_ending_with_done(gateway):
     with httpx.stream(
         "POST",
