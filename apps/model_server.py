@@ -97,14 +97,28 @@ class ModelServer:
             return
         chunks = coalesce(result)
         try:
-            yield ResponseHead(200, SSE_MEDIA_TYPE, await anext(chunks))
-            async for chunk in chunks:
-                yield chunk
-        except Exception:
-            logger.exception("Stream of model %s failed", self._model.id)
-            yield error_event(InternalError("The engine failed while streaming the response."))
+            try:
+                first = await anext(chunks)
+            except Exception as exc:  # failed before any byte: a plain error response
+                error = self._engine_failure(exc)
+                yield ResponseHead(error.status, JSON_MEDIA_TYPE, error_json(error))
+                return
+            yield ResponseHead(200, SSE_MEDIA_TYPE, first)
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            except Exception as exc:  # headers are out: end the stream with an error event
+                yield error_event(self._engine_failure(exc))
         finally:
             await chunks.aclose()
+
+    def _engine_failure(self, exc: Exception) -> GatewayError:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(exc, EngineDeadError):
+            return EngineUnavailable(f"The engine of model {self._model.id} has stopped.")
+        logger.error("Stream of model %s failed: %r", self._model.id, exc)
+        return InternalError("The engine failed while streaming the response.")
 
     async def _start(self, endpoint: Endpoint, body: dict[str, Any]) -> BaseModel | AsyncIterator[str]:
         """Validate with vLLM's protocol model and submit; the stream or the full response."""
@@ -124,9 +138,9 @@ class ModelServer:
                 result = await serving.create_completion(request)
         except (ValueError, TypeError, VLLMClientError) as exc:
             result = serving.create_error_response(exc)
-        except EngineDeadError:
+        except EngineDeadError as exc:
             # Serve's health check replaces this replica shortly; the client may retry.
-            raise EngineUnavailable(f"The engine of model {self._model.id} has stopped.") from None
+            raise self._engine_failure(exc) from None
         if isinstance(result, ErrorResponse):
             info = result.error
             if info.code >= 500:
