@@ -27,9 +27,12 @@ logger = logging.getLogger("ray.serve")
 ONGOING_REQUESTS_HEADROOM = 1.25
 # Autoscaling aims below the batch capacity, so a new replica starts before the batch is full.
 TARGET_ONGOING_SHARE = 0.75
-# An engine loads weights and may compile: give it time before health checks count.
-HEALTH_CHECK_PERIOD_S = 10.0
+# Health checks start once the constructor (engine start) has returned. A check is cheap
+# (is the engine process alive?); the timeout covers an event loop busy with a large batch.
+HEALTH_CHECK_PERIOD_S = 5.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
+# Requests an ingress replica queues per model while all replicas are full or being replaced.
+QUEUED_PER_ONGOING = 2
 
 
 def deployment_name(model_id: str) -> str:
@@ -41,6 +44,9 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
     """Serve options of one model's deployment: placement, replicas, concurrency, health."""
     placement = placement_for(model.parallelism)
     capacity = model.engine.max_num_seqs
+    max_ongoing = model.replicas.max_ongoing_requests or math.ceil(
+        capacity * ONGOING_REQUESTS_HEADROOM
+    )
     options: dict[str, Any] = {
         "name": deployment_name(model.id),
         "placement_group_bundles": placement.bundles,
@@ -50,8 +56,9 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
             "num_gpus": placement.replica_num_gpus,
             "runtime_env": {"env_vars": engine_env_vars(model)},
         },
-        "max_ongoing_requests": model.replicas.max_ongoing_requests
-        or math.ceil(capacity * ONGOING_REQUESTS_HEADROOM),
+        "max_ongoing_requests": max_ongoing,
+        "max_queued_requests": model.replicas.max_queued_requests
+        or max_ongoing * QUEUED_PER_ONGOING,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
     }

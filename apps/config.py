@@ -183,6 +183,20 @@ class ReplicaSettings(StrictModel):
         ge=1,
         description="Requests Serve sends one replica at once; None: derived from max_num_seqs.",
     )
+    max_queued_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Requests each ingress replica may queue for this model while every replica is full "
+            "or none is running; more get 503. None: twice max_ongoing_requests."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_size(self) -> ReplicaSettings:
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError("Set either num_replicas or autoscaling, not both.")
+        return self
 
 
 class RequestLimits(StrictModel):
@@ -200,8 +214,8 @@ class RequestLimits(StrictModel):
         default=None,
         ge=1,
         description=(
-            "Longest prompt in tokens, checked against the context length here. Until admission "
-            "control lands, the engine enforces only max_model_len (prompt + max_tokens)."
+            "Longest prompt in tokens, checked against the context length here. Not yet enforced "
+            "per request: vLLM rejects only prompts longer than max_model_len."
         ),
     )
 
@@ -258,7 +272,7 @@ class ModelConfig(StrictModel):
                 raise ValueError(
                     f"limits.max_prompt_tokens ({prompt_cap}) + limits.max_tokens_cap "
                     f"({self.limits.max_tokens_cap}) exceed engine.max_model_len ({context}): "
-                    "such a request could never run; lower one of them."
+                    "a request within both limits would not fit the context; lower one of them."
                 )
         if not _checks_model_files(info):
             return self
@@ -339,7 +353,10 @@ def _attention_heads(path: Path) -> dict[str, int]:
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read {path / 'config.json'}: {exc}") from exc
     # Multimodal checkpoints nest the language model's settings.
-    hf_config = hf_config.get("text_config", hf_config)
+    if isinstance(hf_config, dict) and isinstance(hf_config.get("text_config"), dict):
+        hf_config = hf_config["text_config"]
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{path / 'config.json'} is not a JSON object.")
     heads = {}
     for key in ("num_attention_heads", "num_key_value_heads"):
         if isinstance(hf_config.get(key), int):

@@ -34,7 +34,8 @@ def engine_args(model: ModelConfig, placement: Placement) -> AsyncEngineArgs:
         enforce_eager=engine.enforce_eager,
         quantization=engine.quantization,
         speculative_config=speculative,
-        # Engine stats feed vLLM's Prometheus metrics (queue length, KV use, prefix hits).
+        # Keep the engine's stats on: vLLM's Prometheus metrics (queue length, KV use, prefix
+        # hits) are built from them. Exporting them from the replica is the metrics issue's job.
         disable_log_stats=False,
     )
 

@@ -21,7 +21,11 @@ from http import HTTPStatus
 from typing import Any
 
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 
 JSON_MEDIA_TYPE = "application/json"
 logger = logging.getLogger("ray.serve")
@@ -62,12 +66,14 @@ class ModelNotFound(ClientError):
 
 
 class RouteNotFound(ClientError):
-    """No such endpoint, or the endpoint does not take this method (404/405)."""
+    """No such endpoint (404), or the endpoint does not take this method (405)."""
 
     code = "not_found"
 
     def __init__(self, message: str, *, status: int = HTTPStatus.NOT_FOUND) -> None:
-        super().__init__(message)
+        super().__init__(
+            message, code="method_not_allowed" if status == HTTPStatus.METHOD_NOT_ALLOWED else None
+        )
         self.status = status
 
 
@@ -91,7 +97,7 @@ class EngineUnavailable(ServerError):
 
 
 class InternalError(ServerError):
-    """Anything unexpected; the message sent is generic, the details stay in the log (500)."""
+    """Anything unexpected; callers send a generic message and log the details (500)."""
 
 
 def error_body(error: GatewayError) -> dict[str, Any]:
@@ -122,9 +128,10 @@ def engine_error(status: int, message: str, param: str | None) -> GatewayError:
     if status == HTTPStatus.NOT_IMPLEMENTED:
         # vLLM answers 501 for a feature this model or build lacks: the request asked for it.
         return EngineRejected(message, status=HTTPStatus.BAD_REQUEST, param=param)
+    # Server-side details stay in the log (the caller logs them), not in the client's answer.
     if status == HTTPStatus.SERVICE_UNAVAILABLE:
-        return EngineUnavailable(message)
-    return InternalError(message)
+        return EngineUnavailable("The engine is unavailable; retry later.")
+    return InternalError("The engine failed to process the request.")
 
 
 def model_call_error(model_id: str, exc: Exception) -> GatewayError:
@@ -133,7 +140,7 @@ def model_call_error(model_id: str, exc: Exception) -> GatewayError:
         return exc
     if isinstance(exc, BackPressureError):
         return EngineUnavailable(f"Model {model_id} is overloaded; retry later.", code="overloaded")
-    if isinstance(exc, RayActorError):
-        return EngineUnavailable(f"The replica of model {model_id} serving this request died.")
+    if isinstance(exc, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)):
+        return EngineUnavailable(f"Model {model_id} has no live replica for this request; retry later.")
     logger.error("Call to model %s failed: %r", model_id, exc)
     return InternalError("Internal server error.")

@@ -17,10 +17,10 @@ import time
 from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.schema import ReplicaState
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from apps.config import AppConfig
@@ -29,17 +29,14 @@ from apps.errors import (
     EngineUnavailable,
     GatewayError,
     InternalError,
-    InvalidRequest,
     RouteNotFound,
     error_body,
     model_call_error,
 )
-from apps.streaming import SSE_MEDIA_TYPE, ResponseHead, relay
+from apps.streaming import SSE_MEDIA_TYPE, RelayResponse, ResponseHead
 from apps.validation import Endpoint, parse_body, shape_request
 
 logger = logging.getLogger("ray.serve")
-# Proxies must not buffer or transform an event stream.
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 app = FastAPI(title="LLM gateway", description="OpenAI-compatible API over vLLM engines.")
 
@@ -51,12 +48,9 @@ async def _gateway_error(_: Request, error: GatewayError) -> JSONResponse:
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return await _gateway_error(_, RouteNotFound(str(exc.detail), status=exc.status_code))
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return await _gateway_error(_, InvalidRequest(str(exc.errors()[0].get("msg", exc))))
+    # Routing answers: 404 for an unknown path, 405 (with its Allow header) for a wrong method.
+    error = RouteNotFound(str(exc.detail), status=exc.status_code)
+    return JSONResponse(error_body(error), status_code=error.status, headers=exc.headers)
 
 
 @app.exception_handler(Exception)
@@ -99,18 +93,24 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> Response:
-        ready = await asyncio.gather(*(self._is_ready(handle) for handle in self._models.values()))
-        not_ready = [model_id for model_id, ok in zip(self._models, ready) if not ok]
+        """Serve's own view (controller state), so probes neither queue behind generation nor
+        wake a model scaled to zero."""
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), self._health_timeout_s)
+        except Exception as exc:
+            logger.warning("Health check could not read Serve's status: %r", exc)
+            error = EngineUnavailable("Serve's status is unavailable.")
+            return JSONResponse(error_body(error), status_code=error.status)
+        not_ready = []
+        for model_id, handle in self._models.items():
+            application = status.applications.get(handle.app_name)
+            deployment = application.deployments.get(handle.deployment_name) if application else None
+            if deployment is None or not deployment.replica_states.get(ReplicaState.RUNNING, 0):
+                not_ready.append(model_id)
         if not_ready:
             error = EngineUnavailable(f"Models without a ready replica: {not_ready}")
             return JSONResponse(error_body(error), status_code=error.status)
         return JSONResponse({"status": "ok", "models": list(self._models)})
-
-    async def _is_ready(self, handle: DeploymentHandle) -> bool:
-        try:
-            return await asyncio.wait_for(handle.is_ready.remote(), self._health_timeout_s)
-        except Exception:  # timeout, no replica, dead replica: all mean "not ready"
-            return False
 
     async def _forward(self, request: Request, endpoint: Endpoint) -> Response:
         shaped = shape_request(parse_body(await request.body()), endpoint, self._limits)
@@ -127,9 +127,4 @@ class Ingress:
             raise model_call_error(shaped.model_id, exc) from exc
         if head.media_type != SSE_MEDIA_TYPE:
             return Response(head.body, status_code=head.status, media_type=head.media_type)
-        return StreamingResponse(
-            relay(head.body, stream, shaped.model_id),
-            status_code=head.status,
-            media_type=SSE_MEDIA_TYPE,
-            headers=SSE_HEADERS,
-        )
+        return RelayResponse(head.body, stream, shaped.model_id)

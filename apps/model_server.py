@@ -9,6 +9,7 @@ engine is dead, and Serve then replaces the replica.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -26,10 +27,16 @@ from apps.errors import (
     InvalidRequest,
     engine_error,
     error_event,
-    error_json,
 )
 from apps.placement import omp_threads_bind, placement_for
-from apps.streaming import SSE_MEDIA_TYPE, ResponseHead, coalesce
+from apps.streaming import (
+    SSE_MEDIA_TYPE,
+    ResponseHead,
+    coalesce,
+    error_head,
+    first_event_error,
+    translate_error_events,
+)
 from apps.validation import Endpoint
 
 logger = logging.getLogger("ray.serve")
@@ -67,6 +74,7 @@ class ModelServer:
         self._engine = AsyncLLM(
             vllm_config=vllm_config,
             executor_class=Executor.get_class(vllm_config),
+            log_requests=args.enable_log_requests,
             log_stats=not args.disable_log_stats,
             usage_context=UsageContext.OPENAI_API_SERVER,
         )
@@ -90,7 +98,7 @@ class ModelServer:
         try:
             result = await self._start(endpoint, body)
         except GatewayError as error:
-            yield ResponseHead(error.status, JSON_MEDIA_TYPE, error_json(error))
+            yield error_head(error)
             return
         if isinstance(result, BaseModel):
             yield ResponseHead(200, JSON_MEDIA_TYPE, result.model_dump_json().encode())
@@ -99,58 +107,69 @@ class ModelServer:
         try:
             try:
                 first = await anext(chunks)
-            except Exception as exc:  # failed before any byte: a plain error response
-                error = self._engine_failure(exc)
-                yield ResponseHead(error.status, JSON_MEDIA_TYPE, error_json(error))
+            except Exception as exc:
+                yield error_head(self._engine_failure(exc))
                 return
-            yield ResponseHead(200, SSE_MEDIA_TYPE, first)
+            # vLLM reports failures inside the stream; before the first byte they get a status.
+            error = first_event_error(first)
+            if error is not None:
+                yield error_head(error)
+                return
+            yield ResponseHead(200, SSE_MEDIA_TYPE, translate_error_events(first))
             try:
                 async for chunk in chunks:
-                    yield chunk
+                    yield translate_error_events(chunk)
             except Exception as exc:  # headers are out: end the stream with an error event
                 yield error_event(self._engine_failure(exc))
         finally:
             await chunks.aclose()
 
-    def _engine_failure(self, exc: Exception) -> GatewayError:
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        if isinstance(exc, EngineDeadError):
-            return EngineUnavailable(f"The engine of model {self._model.id} has stopped.")
-        logger.error("Stream of model %s failed: %r", self._model.id, exc)
-        return InternalError("The engine failed while streaming the response.")
-
     async def _start(self, endpoint: Endpoint, body: dict[str, Any]) -> BaseModel | AsyncIterator[str]:
         """Validate with vLLM's protocol model and submit; the stream or the full response."""
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        try:
-            request = self._request_types[endpoint].model_validate(body)
-        except ValidationError as exc:
-            raise _invalid_request(exc) from None
+        if self._engine.errored:
+            raise EngineUnavailable(f"The engine of model {self._model.id} has stopped.")
         serving = self._serving[endpoint]
         try:
+            request = self._request_types[endpoint].model_validate(body)
             if endpoint == "chat":
                 result = await serving.create_chat_completion(request)
             else:
                 result = await serving.create_completion(request)
-        except (ValueError, TypeError, VLLMClientError) as exc:
-            result = serving.create_error_response(exc)
+        except ValidationError as exc:
+            raise _invalid_request(exc) from None
         except EngineDeadError as exc:
             # Serve's health check replaces this replica shortly; the client may retry.
             raise self._engine_failure(exc) from None
+        except Exception as exc:
+            # vLLM's own mapping: its validators raise VLLMValidationError (not a pydantic
+            # error), unsupported features NotImplementedError, overload GracefulHTTPError.
+            result = serving.create_error_response(exc)
         if isinstance(result, ErrorResponse):
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # vLLM turns a cancelled non-streaming request into an error; it is a cancel.
+                raise asyncio.CancelledError
             info = result.error
             if info.code >= 500:
                 logger.error("Model %s answered %s: %s", self._model.id, info.code, info.message)
             raise engine_error(info.code, info.message, info.param)
         return result
 
-    async def is_ready(self) -> bool:
-        """Answered once the constructor is done, i.e. the engine is up (used by GET /health)."""
-        return True
+    def _engine_failure(self, exc: Exception) -> GatewayError:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(exc, EngineDeadError):
+            return EngineUnavailable(f"The engine of model {self._model.id} has stopped.")
+        logger.error("Request to model %s failed: %r", self._model.id, exc)
+        return InternalError("The engine failed to process the request.")
+
+    async def load(self) -> int:
+        """Requests this replica's engine holds (running or waiting)."""
+        return self._engine.get_num_unfinished_requests()
+
 
     async def check_health(self) -> None:
         """Serve's periodic health check: raises when the engine has died."""

@@ -13,14 +13,22 @@ latency), under load the message count drops by itself.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentResponseGenerator
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
-from apps.errors import error_event, model_call_error
+from apps.errors import JSON_MEDIA_TYPE, GatewayError, engine_error, error_event, error_json, model_call_error
 
 SSE_MEDIA_TYPE = "text/event-stream"
+# Proxies must not buffer or transform an event stream.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# An error event of vLLM's stream generators. Inside generated text a quote is escaped, so
+# this prefix only ever starts an event.
+VLLM_ERROR_EVENT = b'data: {"error"'
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,34 @@ class ResponseHead:
     status: int
     media_type: str
     body: bytes
+
+
+def error_head(error: GatewayError) -> ResponseHead:
+    """A whole error response: the status and OpenAI's error body."""
+    return ResponseHead(error.status, JSON_MEDIA_TYPE, error_json(error))
+
+
+def first_event_error(chunk: bytes) -> GatewayError | None:
+    """The error a stream opens with (vLLM's in-stream report), translated; None if it has none."""
+    if not chunk.startswith(VLLM_ERROR_EVENT):
+        return None
+    return _vllm_event_error(chunk.split(b"\n\n", 1)[0])
+
+
+def translate_error_events(chunk: bytes) -> bytes:
+    """Rewrite vLLM's in-stream error events into OpenAI's error object; other bytes pass as they are."""
+    if VLLM_ERROR_EVENT not in chunk:
+        return chunk
+    events = chunk.split(b"\n\n")
+    for i, event in enumerate(events):
+        if event.startswith(VLLM_ERROR_EVENT):
+            events[i] = b"data: " + error_json(_vllm_event_error(event))
+    return b"\n\n".join(events)
+
+
+def _vllm_event_error(event: bytes) -> GatewayError:
+    info = json.loads(event[len(b"data: ") :])["error"]
+    return engine_error(int(info.get("code") or 500), str(info.get("message")), info.get("param"))
 
 
 class _EndOfStream:
@@ -44,8 +80,8 @@ async def coalesce(events: AsyncIterator[str]) -> AsyncIterator[bytes]:
 
     A background task drains `events` into a queue, so the engine's generator keeps running while
     the consumer is busy sending; each `yield` takes everything queued so far. When the consumer
-    stops early (client gone), the drain task is cancelled, which closes `events`: vLLM then
-    aborts the request in the engine.
+    stops early (closed, or its task cancelled because the client left), the drain task is
+    cancelled: the CancelledError raised inside vLLM's generator makes vLLM abort the request.
     """
     queue: asyncio.Queue[str | BaseException | _EndOfStream] = asyncio.Queue()
 
@@ -55,6 +91,12 @@ async def coalesce(events: AsyncIterator[str]) -> AsyncIterator[bytes]:
                 queue.put_nowait(event)
         except Exception as exc:  # handed to the consumer, which re-raises it
             queue.put_nowait(exc)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # cancelled by the consumer below: it is leaving
+            # The source itself was cancelled: the client must not see a silently cut stream.
+            queue.put_nowait(RuntimeError("the engine stream was cancelled"))
         finally:
             queue.put_nowait(_END)
 
@@ -79,22 +121,33 @@ async def coalesce(events: AsyncIterator[str]) -> AsyncIterator[bytes]:
             await asyncio.gather(task, return_exceptions=True)
 
 
-async def relay(first: bytes, stream: DeploymentResponseGenerator, model_id: str) -> AsyncIterator[bytes]:
-    """The ingress side: a stream's bytes as they arrive from the model server.
+class RelayResponse(StreamingResponse):
+    """The ingress side of a stream: the model server's SSE bytes, relayed as they arrive.
 
-    If the client leaves, Starlette cancels this generator and the `finally` cancels the model
-    call, which aborts the engine request. A failure after the headers went out ends the stream
-    with an error event.
+    However the response ends (client gone, Starlette cancelling the sending task before the
+    body iterator ever ran, an error), the model call is cancelled unless it finished, which
+    aborts the engine request. A failure after the headers went out ends the stream with an
+    error event.
     """
-    finished = False
-    try:
+
+    def __init__(self, first: bytes, stream: DeploymentResponseGenerator, model_id: str) -> None:
+        super().__init__(self._relay(first), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+        self._stream = stream
+        self._model_id = model_id
+        self._finished = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._finished:
+                self._stream.cancel()
+
+    async def _relay(self, first: bytes) -> AsyncIterator[bytes]:
         yield first
-        async for chunk in stream:
-            yield chunk
-        finished = True
-    except Exception as exc:
-        finished = True
-        yield error_event(model_call_error(model_id, exc))
-    finally:
-        if not finished:
-            stream.cancel()
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except Exception as exc:
+            yield error_event(model_call_error(self._model_id, exc))
+        self._finished = True

@@ -28,17 +28,17 @@ class ShapedRequest:
     """A request the gateway accepts: its model is served and its max_tokens is within limits."""
 
     model_id: str
-    endpoint: Endpoint
     body: dict[str, Any]
-    stream: bool
     max_tokens: int
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
     """The JSON object of a request body, or 400."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply.", code="invalid_json") from None
+    except ValueError as exc:  # bad syntax, bad UTF-8, NaN/Infinity, an integer too long
         raise InvalidRequest(
             f"The request body is not valid JSON: {exc}", code="invalid_json"
         ) from None
@@ -48,6 +48,10 @@ def parse_body(raw: bytes) -> dict[str, Any]:
             code="invalid_json",
         )
     return body
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def shape_request(
@@ -64,10 +68,8 @@ def shape_request(
             param="model",
         )
 
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest(f"`stream` must be a boolean. Given: {stream!r}", param="stream")
 
     max_tokens = _max_tokens(body, endpoint, model_id, model_limits)
@@ -75,7 +77,7 @@ def shape_request(
     for field in MAX_TOKENS_FIELDS[endpoint]:
         shaped.pop(field, None)
     shaped["max_tokens"] = max_tokens
-    return ShapedRequest(model_id, endpoint, shaped, stream, max_tokens)
+    return ShapedRequest(model_id, shaped, max_tokens)
 
 
 def _max_tokens(

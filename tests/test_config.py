@@ -3,6 +3,7 @@ field path and what is wrong; the committed configs validate."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,6 +33,7 @@ INVALID_CONFIGS = [
     ("accelerator_type_on_cpu", lambda p: one_model(p, parallelism={"accelerator_type": "A100"}), "models.0.parallelism", "accelerator_type is for GPUs"),
     ("threads_bind_rank_count", lambda p: one_model(p, parallelism={"tensor_parallel_size": 2, "cpu_threads_bind": "0"}), "models.0.parallelism", "one core list per rank (2)"),
     ("bad_model_id", lambda p: {"models": [{"id": "bad id!", "path": p}]}, "models.0.id", "should match pattern"),
+    ("replicas_two_ways", lambda p: one_model(p, replicas={"num_replicas": 2, "autoscaling": {"max_replicas": 3}}), "models.0.replicas", "either num_replicas or autoscaling"),
     ("unknown_dtype", lambda p: one_model(p, engine={"dtype": "float8"}), "models.0.engine.dtype", "Input should be"),
 ]
 
@@ -95,3 +97,10 @@ def test_gpu_config_is_valid_for_a_gpu_cluster():
     # Llama 3.1 70B has 64 attention heads and 8 KV heads; 8B has 32 and 8.
     assert 64 % big.parallelism.tensor_parallel_size == 0
     assert 8 % by_id["llama-3.1-8b-instruct"].parallelism.tensor_parallel_size == 0
+
+
+def test_checkpoint_config_that_is_not_an_object_is_a_config_error(make_checkpoint):
+    path = make_checkpoint()
+    (Path(path) / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="is not a JSON object"):
+        load_config(one_model(path))

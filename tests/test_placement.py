@@ -84,6 +84,7 @@ def test_deployment_options_derive_from_batch_capacity():
     options = model_deployment_options(model)
     assert options["name"] == deployment_name("org/model:v1") == "model-org_model_v1"
     assert options["max_ongoing_requests"] == 80
+    assert options["max_queued_requests"] == 160, "a bounded queue: Serve answers 503 beyond it"
     assert options["num_replicas"] == 1
     assert options["placement_group_bundles"] == [{"CPU": 1.0}]
     assert options["placement_group_strategy"] == "STRICT_PACK"

@@ -76,10 +76,24 @@ def test_stream_must_be_boolean():
     with pytest.raises(InvalidRequest) as raised:
         shape_request(chat(stream="yes"), "chat", LIMITS)
     assert raised.value.param == "stream"
-    assert shape_request(chat(stream=True), "chat", LIMITS).stream is True
+    assert shape_request(chat(stream=True), "chat", LIMITS).body["stream"] is True
 
 
-@pytest.mark.parametrize("raw", [b"{bad", b"[1, 2]", b"\xff\xfe", b"", b"null"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{bad",
+        b"[1, 2]",
+        b"\xff\xfe",
+        b"",
+        b"null",
+        b'{"temperature": NaN}',
+        b'{"n": Infinity}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"max_tokens": ' + b"9" * 5000 + b"}",
+    ],
+    ids=["syntax", "array", "not_utf8", "empty", "null", "nan", "infinity", "deep_nesting", "huge_int"],
+)
 def test_body_must_be_a_json_object(raw):
     with pytest.raises(InvalidRequest) as raised:
         parse_body(raw)

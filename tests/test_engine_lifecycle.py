@@ -1,0 +1,115 @@
+"""An engine request lives exactly as long as someone waits for it: a client that disconnects
+mid-stream has its vLLM request aborted. A replica whose engine dies fails Serve's health check
+and is replaced; meanwhile its requests get 503 (never a hang, never a 500), and the service
+recovers without an operator.
+
+Its own app (one model, a high max_tokens cap so a request outlives the abort by far), because it
+kills an engine: no other test should see that."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import psutil
+import pytest
+import ray
+from ray import serve
+from ray.util.state import list_actors
+
+from apps.builder import build_app, deployment_name
+from tests.conftest import ROOT, app_args
+
+PORT = 18200
+MODEL = "tiny-chat"
+LONG_MAX_TOKENS = 1900  # within max_model_len 2048 with a short prompt
+REQUEST = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[str]:
+    args = app_args("app.yaml")
+    args["models"] = [model for model in args["models"] if model["id"] == MODEL]
+    args["models"][0]["path"] = str(ROOT / args["models"][0]["path"])
+    args["models"][0]["limits"]["max_tokens_cap"] = LONG_MAX_TOKENS
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        serve.run(build_app(args), name="llm", route_prefix="/")
+        yield f"http://127.0.0.1:{PORT}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_client_disconnect_aborts_the_engine_request(gateway):
+    engine = serve.get_deployment_handle(deployment_name(MODEL), app_name="llm")
+    assert engine.load.remote().result() == 0, "engine busy before the test"
+    body = REQUEST | {"max_tokens": LONG_MAX_TOKENS, "stream": True, "logprobs": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, timeout=60) as response:
+        started, tokens = time.monotonic(), 0
+        # Hold the iterator: a dropped one closes the response, i.e. disconnects too early.
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                for choice in json.loads(line[len("data: ") :])["choices"]:
+                    tokens += len((choice.get("logprobs") or {}).get("content") or [])
+            if tokens >= 50:
+                break
+        tokens_per_s = tokens / (time.monotonic() - started)
+        assert engine.load.remote().result() == 1, f"not running after {tokens} tokens at {tokens_per_s:.0f}/s"
+    closed = time.monotonic()
+    while engine.load.remote().result() != 0:
+        assert time.monotonic() - closed < 30, "engine request never ended"
+        time.sleep(0.02)
+    abort_s = time.monotonic() - closed
+    natural_s = (LONG_MAX_TOKENS - tokens) / tokens_per_s
+    # Against the same run's speed: the abort must beat running to the end by far.
+    assert abort_s < 1.0, f"abort took {abort_s:.2f}s"
+    assert abort_s < natural_s / 3, f"abort {abort_s:.2f}s vs natural end {natural_s:.2f}s"
+
+
+def test_replica_whose_engine_dies_is_replaced(gateway):
+    actor_class = f"ServeReplica:llm:{deployment_name(MODEL)}"
+    before = alive_actor_ids(actor_class)
+    assert len(before) == 1, before
+    assert httpx.post(f"{gateway}/v1/chat/completions", json=REQUEST, timeout=30).status_code == 200
+
+    replica = process_titled(f"ray::{actor_class}")
+    engines = [p for p in replica.children() if "EngineCore" in " ".join(p.cmdline())]
+    assert engines, "no engine core process under the replica"
+    for engine in engines:
+        engine.kill()
+
+    statuses = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        response = httpx.post(f"{gateway}/v1/chat/completions", json=REQUEST, timeout=30)
+        statuses.append(response.status_code)
+        if response.status_code != 200:
+            error = response.json()["error"]
+            assert response.status_code == 503, f"{response.status_code}: {error}"
+            assert error["code"] in {"engine_unavailable", "overloaded"}, error
+        after = alive_actor_ids(actor_class)
+        if response.status_code == 200 and after and after != before:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"replica not replaced in time; statuses seen: {statuses}")
+    assert 503 in statuses, "requests to the dead engine should have been answered 503"
+    health = httpx.get(f"{gateway}/health", timeout=10)
+    assert health.status_code == 200, health.text
+
+
+def alive_actor_ids(class_name: str) -> set[str]:
+    actors = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+    return {actor.actor_id for actor in actors}
+
+
+def process_titled(title: str) -> psutil.Process:
+    for process in psutil.process_iter(["cmdline"]):
+        if (process.info["cmdline"] or [""])[0] == title:
+            return process
+    raise AssertionError(f"no process titled {title!r}")
