@@ -94,9 +94,17 @@ def test_gpu_config_is_valid_for_a_gpu_cluster():
     assert big.parallelism.accelerator == "gpu" and big.parallelism.tensor_parallel_size == 4
     assert big.engine.quantization == "awq" and big.engine.speculative is not None
     assert all(m.engine.enable_prefix_caching for m in config.models)
-    # Llama 3.1 70B has 64 attention heads and 8 KV heads; 8B has 32 and 8.
-    assert 64 % big.parallelism.tensor_parallel_size == 0
-    assert 8 % by_id["llama-3.1-8b-instruct"].parallelism.tensor_parallel_size == 0
+
+
+def test_gpu_config_parallelism_fits_llama_checkpoints(make_checkpoint):
+    # The head counts of the real checkpoints (70B: 64 query / 8 KV heads; 8B: 32 / 8), so the
+    # TP sizes in gpu.yaml are checked as they would be on the GPU nodes.
+    args = app_args("gpu.yaml")
+    heads = {"llama-3.1-8b-instruct": (32, 8), "llama-3.1-70b-instruct-awq": (64, 8)}
+    for model in args["models"]:
+        model["path"] = make_checkpoint(model["id"], *heads[model["id"]])
+        model["engine"].pop("speculative")  # its draft model lives on the GPU nodes only
+    assert len(load_config(args).models) == 2
 
 
 def test_checkpoint_config_that_is_not_an_object_is_a_config_error(make_checkpoint):

@@ -74,8 +74,11 @@ def probe_app(config: AppConfig, model_id: str) -> serve.Application:
 def test_tp4_replica_lands_all_bundles_on_one_gpu_node(gpu_cluster):
     config = gpu_config(4)
     handle = serve.run(probe_app(config, "tp4"), name="tp4", route_prefix=None)
-    group_id = handle.placement_group_id.remote().result(timeout_s=60)
-    group = ray.util.placement_group_table()[group_id]
+    try:
+        group_id = handle.placement_group_id.remote().result(timeout_s=60)
+        group = ray.util.placement_group_table()[group_id]
+    finally:
+        serve.delete("tp4")
     assert group["strategy"] == "STRICT_PACK"
     assert [bundle.get("GPU") for bundle in group["bundles"].values()] == [1, 1, 1, 1]
     nodes = set(group["bundles_to_node_id"].values())
@@ -83,7 +86,6 @@ def test_tp4_replica_lands_all_bundles_on_one_gpu_node(gpu_cluster):
     gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")}
     assert nodes <= gpu_nodes
     assert unplaceable_models(config) == {}
-    serve.delete("tp4")
 
 
 def test_tp8_replica_is_reported_unplaceable_not_pending_silently(gpu_cluster):
@@ -92,18 +94,26 @@ def test_tp8_replica_is_reported_unplaceable_not_pending_silently(gpu_cluster):
     assert "'GPU': 8" in reasons["tp8"] and "'GPU': 4" in reasons["tp8"], reasons
 
     serve._run(probe_app(config, "tp8"), name="tp8", route_prefix=None, _blocking=False)
-    deadline = time.monotonic() + 60
-    message = ""
-    while time.monotonic() < deadline:
-        application = serve.status().applications.get("tp8")
-        if application is not None:
-            deployment = application.deployments.get(deployment_name("tp8"))
-            message = deployment.message if deployment else ""
-            if "to be scheduled" in message:
-                break
-        time.sleep(1)
+    try:
+        message, status = wait_for_scheduling_message("tp8", deployment_name("tp8"))
+    finally:
+        serve.delete("tp8", _blocking=False)
     assert "to be scheduled" in message, f"no scheduling message, got: {message!r}"
     # Serve names the bundles the replica waits for: eight one-GPU bundles.
     assert message.count('{"GPU": 1.0') == 8, message
-    assert serve.status().applications["tp8"].deployments[deployment_name("tp8")].status != "HEALTHY"
-    serve.delete("tp8", _blocking=False)
+    assert status != "HEALTHY"
+
+
+def wait_for_scheduling_message(app_name: str, deployment: str, timeout_s: float = 60) -> tuple[str, str]:
+    """The deployment's status message once Serve says a replica waits to be scheduled."""
+    deadline = time.monotonic() + timeout_s
+    message, status = "", ""
+    while time.monotonic() < deadline:
+        application = serve.status().applications.get(app_name)
+        details = application.deployments.get(deployment) if application else None
+        if details is not None:
+            message, status = details.message, details.status
+            if "to be scheduled" in message:
+                break
+        time.sleep(1)
+    return message, status
