@@ -272,3 +272,25 @@ def test_tp2_replica_has_two_bundles_strict_packed(gateway):
     assert len({bundle["node_id"] for bundle in group.bundles}) == 1, "bundles on one node"
     # The state API does not carry the strategy; the placement group table does.
     assert ray.util.placement_group_table()[group.placement_group_id]["strategy"] == "STRICT_PACK"
+
+
+def test_benchmark_harness_smoke_run_reports_every_figure(gateway, tmp_path):
+    from scripts.loadgen import LATENCY_FIELDS, main
+
+    out = tmp_path / "smoke.json"
+    main(
+        f"--url {gateway} --model tiny-chat-tp2 --workload chat --num-requests 12 "
+        f"--concurrency 4 --output-len 16 --warmup 2 --rates inf,20 --out {out}".split()
+    )
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0, "no plot written"
+    assert [run["rate"] for run in report["runs"]] == ["inf", 20.0]
+    for run in report["runs"]:
+        summary = run["endpoints"][gateway]
+        assert summary["completed"] == summary["requests"] == 12 and summary["errors"] == {}
+        assert summary["output_tokens"] > 0 and summary["output_tokens_per_s"] > 0
+        assert 0 < summary["goodput_requests_per_s"] <= summary["requests_per_s"]
+        for name in LATENCY_FIELDS:
+            stats = summary[name]
+            assert 0 < stats["p50"] <= stats["p95"] <= stats["p99"], (name, stats)
+            assert stats["mean"] > 0, (name, stats)
