@@ -95,6 +95,16 @@ class EngineSettings(StrictModel):
         ge=1,
         description="KV-cache size in GiB on the CPU backend (VLLM_CPU_KVCACHE_SPACE). CPU only.",
     )
+    stream_interval: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Tokens per streamed chunk after the first (which is sent at once). Above 1 the "
+            "engine, the model server and every hop handle that many times fewer messages, at the "
+            "cost of tokens arriving in small groups. See docs/BENCHMARKS.md."
+        ),
+    )
     enable_prefix_caching: bool = Field(default=True, description="Reuse KV blocks of shared prefixes.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Weight and activation dtype."

@@ -30,6 +30,7 @@ def engine_args(model: ModelConfig, placement: Placement) -> AsyncEngineArgs:
         max_num_batched_tokens=engine.max_num_batched_tokens,
         gpu_memory_utilization=engine.gpu_memory_utilization,
         enable_prefix_caching=engine.enable_prefix_caching,
+        stream_interval=engine.stream_interval,
         dtype=engine.dtype,
         enforce_eager=engine.enforce_eager,
         quantization=engine.quantization,

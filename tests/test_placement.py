@@ -105,3 +105,22 @@ def test_deployment_options_autoscaling_and_kv_cache_env():
     assert options["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 24.0}
     assert options["max_ongoing_requests"] == 40
     assert options["ray_actor_options"]["runtime_env"]["env_vars"] == {"VLLM_CPU_KVCACHE_SPACE": "2"}
+
+
+def test_engine_args_follow_the_config_and_the_placement():
+    from apps.engine_args import engine_args
+
+    model = ModelConfig.model_validate(
+        {
+            "id": "m",
+            "path": "/x",
+            "engine": {"max_num_seqs": 32, "stream_interval": 4, "enforce_eager": True},
+            "parallelism": {"tensor_parallel_size": 2},
+        },
+        context={"check_model_files": False},
+    )
+    args = engine_args(model, placement_for(model.parallelism))
+    assert args.served_model_name == ["m"], "clients see the id, not the path"
+    assert (args.tensor_parallel_size, args.distributed_executor_backend) == (2, "mp")
+    assert (args.max_num_seqs, args.stream_interval, args.enforce_eager) == (32, 4, True)
+    assert args.enable_prefix_caching is True and args.disable_log_stats is False
