@@ -59,3 +59,12 @@ def test_summary_counts_errors_and_goodput_against_slos():
     assert summary["tpot_ms"]["p50"] == pytest.approx(100.0)
     ratios = ratio_table(summary, summarize(results[:1], 1.0, slo_ttft_ms=500, slo_tpot_ms=200))
     assert ratios["requests_per_s"] == pytest.approx(1.0)
+
+
+def test_ingress_cost_benchmark_reports_positive_cpu_times():
+    from scripts.ingress_cost import measure
+
+    results = measure(repetitions=200)
+    assert results["request_bytes"] > 0
+    assert 0 < results["parse_body_us"] <= results["parse_and_shape_us"] * 1.5, results
+    assert results["rejected_with_error_body_us"] > 0
