@@ -214,6 +214,8 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run the whole benchmark the CLI describes; the JSON report."""
     urls = [args.url] + ([args.compare] if args.compare else [])
     models = [args.model, args.compare_model or args.model]
+    # One label per endpoint, "URL model": A and B may be two models behind one gateway.
+    labels = [f"{url} {model}" for url, model in zip(urls, models)]
     specs = make_workload(
         args.workload,
         args.num_requests,
@@ -250,7 +252,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             summarize(merge(per_endpoint[i]), elapsed[i], slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
             for i in range(len(urls))
         ]
-        run: dict[str, Any] = {"rate": "inf" if math.isinf(rate) else rate, "endpoints": dict(zip(urls, summaries))}
+        run: dict[str, Any] = {"rate": "inf" if math.isinf(rate) else rate, "endpoints": dict(zip(labels, summaries))}
         if args.compare:
             run["ratio_b_over_a"] = ratio_table(summaries[0], summaries[1])
         runs.append(run)

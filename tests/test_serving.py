@@ -286,7 +286,7 @@ def test_benchmark_harness_smoke_run_reports_every_figure(gateway, tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0, "no plot written"
     assert [run["rate"] for run in report["runs"]] == ["inf", 20.0]
     for run in report["runs"]:
-        summary = run["endpoints"][gateway]
+        summary = run["endpoints"][f"{gateway} tiny-chat-tp2"]
         assert summary["completed"] == summary["requests"] == 12 and summary["errors"] == {}
         assert summary["output_tokens"] > 0 and summary["output_tokens_per_s"] > 0
         assert 0 < summary["goodput_requests_per_s"] <= summary["requests_per_s"]
