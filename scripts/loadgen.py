@@ -147,20 +147,16 @@ def summarize(
 ) -> dict[str, Any]:
     """Percentiles, throughput, goodput and errors of one run."""
     ok = [r for r in results if r.status == 200]
-    tpot = [
-        (r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1 and not math.isnan(r.ttft_s)
-    ]
     series = {
         "ttft_ms": [r.ttft_s * 1e3 for r in ok if not math.isnan(r.ttft_s)],
-        "tpot_ms": [t * 1e3 for t in tpot],
+        "tpot_ms": [tpot * 1e3 for r in ok if not math.isnan(tpot := _tpot_s(r))],
         "itl_ms": [gap * 1e3 for r in ok for gap in r.itl_s],
         "e2e_ms": [r.e2e_s * 1e3 for r in ok],
     }
     good = [
         r
         for r in ok
-        if r.ttft_s * 1e3 <= slo_ttft_ms
-        and (r.output_tokens <= 1 or (r.e2e_s - r.ttft_s) / (r.output_tokens - 1) * 1e3 <= slo_tpot_ms)
+        if r.ttft_s * 1e3 <= slo_ttft_ms and not _tpot_s(r) * 1e3 > slo_tpot_ms  # NaN: no TPOT to miss
     ]
     errors: dict[str, int] = {}
     for r in results:
@@ -183,6 +179,13 @@ def summarize(
     return summary
 
 
+def _tpot_s(result: RequestResult) -> float:
+    """Seconds per output token after the first; NaN when there is no second token."""
+    if result.output_tokens <= 1 or math.isnan(result.ttft_s):
+        return math.nan
+    return (result.e2e_s - result.ttft_s) / (result.output_tokens - 1)
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     if not values:
         return {"mean": math.nan, **{f"p{p}": math.nan for p in PERCENTILES}}
@@ -190,8 +193,8 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": float(array.mean()), **{f"p{p}": float(np.percentile(array, p)) for p in PERCENTILES}}
 
 
-def merge(summaries: list[list[RequestResult]]) -> list[RequestResult]:
-    return [result for results in summaries for result in results]
+def merge(batches: list[list[RequestResult]]) -> list[RequestResult]:
+    return [result for results in batches for result in results]
 
 
 def ratio_table(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
