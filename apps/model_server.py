@@ -130,7 +130,7 @@ class ModelServer:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if self._engine.errored:
-            raise EngineUnavailable(f"The engine of model {self._model.id} has stopped.")
+            raise self._engine_failure(self._engine.dead_error)
         serving = self._serving[endpoint]
         try:
             request = self._request_types[endpoint].model_validate(body)
@@ -169,7 +169,6 @@ class ModelServer:
     async def load(self) -> int:
         """Requests this replica's engine holds (running or waiting)."""
         return self._engine.get_num_unfinished_requests()
-
 
     async def check_health(self) -> None:
         """Serve's periodic health check: raises when the engine has died."""

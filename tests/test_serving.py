@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import openai
