@@ -7,7 +7,6 @@ schema) and the ingress bound with `{model_id: handle}`.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from typing import Any
 
@@ -15,16 +14,15 @@ import ray
 from ray import serve
 from ray.serve import Application
 
+from apps.admission import replica_max_ongoing
 from apps.config import AppConfig, ModelConfig, load_config
 from apps.engine_args import engine_env_vars
 from apps.ingress import Ingress
 from apps.model_server import ModelServer
 from apps.placement import placement_for, unplaceable_reason
+from apps.rate_limits import RateLimiter
 
 logger = logging.getLogger("ray.serve")
-# A replica may hold a few more requests than its engine batches, so the next batch is ready
-# the moment a sequence finishes; more than that would only queue inside the engine.
-ONGOING_REQUESTS_HEADROOM = 1.25
 # Autoscaling aims below the batch capacity, so a new replica starts before the batch is full.
 TARGET_ONGOING_SHARE = 0.75
 # Health checks start once the constructor (engine start) has returned. A check is cheap
@@ -33,6 +31,12 @@ HEALTH_CHECK_PERIOD_S = 5.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
 # Requests an ingress replica queues per model while all replicas are full or being replaced.
 QUEUED_PER_ONGOING = 2
+# A reservation nobody settled (its model replica died mid-request) is charged in full this long
+# after the longest a request may take; requests without a timeout get an hour.
+LEASE_MARGIN_S = 60.0
+UNTIMED_REQUEST_S = 3600.0
+# The limiter answers every rate-limited request; its calls are tiny and never block.
+LIMITER_MAX_ONGOING_REQUESTS = 10_000
 
 
 def deployment_name(model_id: str) -> str:
@@ -44,9 +48,7 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
     """Serve options of one model's deployment: placement, replicas, concurrency, health."""
     placement = placement_for(model.parallelism)
     capacity = model.engine.max_num_seqs
-    max_ongoing = model.replicas.max_ongoing_requests or math.ceil(
-        capacity * ONGOING_REQUESTS_HEADROOM
-    )
+    max_ongoing = replica_max_ongoing(model)
     options: dict[str, Any] = {
         "name": deployment_name(model.id),
         "placement_group_bundles": placement.bundles,
@@ -78,8 +80,11 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
 def build_from_config(config: AppConfig) -> Application:
     """The Serve application for a validated config."""
     _warn_unplaceable(config)
+    limiter = _limiter(config)
     models = {
-        model.id: serve.deployment(ModelServer).options(**model_deployment_options(model)).bind(model)
+        model.id: serve.deployment(ModelServer)
+        .options(**model_deployment_options(model))
+        .bind(model, limiter)
         for model in config.models
     }
     ingress = serve.deployment(Ingress).options(
@@ -88,7 +93,33 @@ def build_from_config(config: AppConfig) -> Application:
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
-    return ingress.bind(config, models)
+    return ingress.bind(config, models, limiter)
+
+
+def _limiter(config: AppConfig) -> Application | None:
+    """The one rate-limiter replica, when any key has a limit (none: no per-request call)."""
+    keys = [key for key in config.auth.keys if key.rate_limited] if config.auth.enabled else []
+    if not keys:
+        return None
+    return (
+        serve.deployment(RateLimiter)
+        .options(
+            name="rate-limiter",
+            num_replicas=1,
+            max_ongoing_requests=LIMITER_MAX_ONGOING_REQUESTS,
+            ray_actor_options={"num_cpus": 0},
+        )
+        .bind(keys, reservation_lease_s(config))
+    )
+
+
+def reservation_lease_s(config: AppConfig) -> float:
+    """How long an unsettled reservation is held before it is charged in full."""
+    longest = max(
+        model.admission.queue_timeout_s + (model.admission.request_timeout_s or UNTIMED_REQUEST_S)
+        for model in config.models
+    )
+    return longest + LEASE_MARGIN_S
 
 
 def build_app(args: dict[str, Any]) -> Application:

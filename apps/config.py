@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -31,7 +32,12 @@ DEFAULT_MAX_TOKENS_CAP = 512
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 DEFAULT_MAX_NUM_SEQS = 64
 DEFAULT_INGRESS_MAX_ONGOING_REQUESTS = 1024
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# Priority classes, best first: a freed slot goes to the best class waiting.
+Priority = Literal["high", "normal", "low"]
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 # ngram looks up the prompt and mtp uses the target's own heads; the others need a draft model.
 SPECULATIVE_METHODS_WITH_DRAFT = ("draft_model", "eagle", "eagle3")
 
@@ -220,13 +226,25 @@ class RequestLimits(StrictModel):
         ge=1,
         description="Largest max_tokens a request may ask for; more is rejected with 400.",
     )
+    over_cap: Literal["reject", "clamp"] = Field(
+        default="reject",
+        description=(
+            "A max_tokens above the cap: `reject` answers 400 naming the cap; `clamp` lowers it to "
+            "the cap and says so in the `x-max-tokens-clamped` response header."
+        ),
+    )
     max_prompt_tokens: int | None = Field(
         default=None,
         ge=1,
         description=(
-            "Longest prompt in tokens, checked against the context length here. Not yet enforced "
-            "per request: vLLM rejects only prompts longer than max_model_len."
+            "Longest prompt in tokens; longer is rejected with 400. The ingress rejects prompts "
+            "that surely exceed it from their length in characters; the model server checks the "
+            "exact token count before the engine sees the request."
         ),
+    )
+    max_n: int = Field(default=4, ge=1, le=128, description="Largest `n`: choices per request.")
+    max_stop_sequences: int = Field(
+        default=4, ge=0, le=64, description="Most `stop` strings per request (OpenAI allows 4)."
     )
 
     @model_validator(mode="after")
@@ -235,6 +253,67 @@ class RequestLimits(StrictModel):
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) must be <= max_tokens_cap "
                 f"({self.max_tokens_cap}): lower the default or raise the cap."
+            )
+        return self
+
+
+class AdmissionSettings(StrictModel):
+    """Backpressure at the ingress: how many requests reach the engines, how many may wait, how long.
+
+    The bounds are for the whole application; each ingress replica enforces its even share.
+    """
+
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Requests of this model at its engines at once. None: max_ongoing_requests times the "
+            "replica count (max_replicas when autoscaling), i.e. what the replicas can batch."
+        ),
+    )
+    max_queued: int | None = Field(
+        default=None,
+        ge=0,
+        description="Requests waiting at the ingress for a slot; more get 503. None: max_in_flight.",
+    )
+    queue_timeout_s: float = Field(
+        default=30.0, gt=0, description="Longest wait for a slot; then 503 `queue_timeout`."
+    )
+    shed_low_at: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Queue fill (share of max_queued) from which `low` priority arrivals get 503.",
+    )
+    shed_normal_at: float = Field(
+        default=0.8,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Queue fill from which `normal` arrivals get 503. `high` waits while there is room, "
+            "and takes the place of the newest lower-priority waiter when the queue is full."
+        ),
+    )
+    first_token_timeout_s: float | None = Field(
+        default=60.0,
+        gt=0,
+        description="Streams: longest time to the first token (queue wait included); then 504.",
+    )
+    request_timeout_s: float | None = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "Longest time for the whole request; then 504, or an error event ending a stream. "
+            "The engine request is aborted either way."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _shedding_ordered(self) -> AdmissionSettings:
+        if self.shed_low_at > self.shed_normal_at:
+            raise ValueError(
+                f"shed_low_at ({self.shed_low_at}) must be <= shed_normal_at "
+                f"({self.shed_normal_at}): low priority is shed first."
             )
         return self
 
@@ -254,6 +333,9 @@ class ModelConfig(StrictModel):
         default_factory=ReplicaSettings, description="Replica count or autoscaling."
     )
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Request shaping.")
+    admission: AdmissionSettings = Field(
+        default_factory=AdmissionSettings, description="In-flight bound, wait queue, deadlines."
+    )
 
     @field_validator("path")
     @classmethod
@@ -317,6 +399,77 @@ class IngressSettings(StrictModel):
     health_timeout_s: float = Field(
         default=2.0, gt=0, description="How long GET /health waits for each model's readiness answer."
     )
+    max_body_bytes: int = Field(
+        default=DEFAULT_MAX_BODY_BYTES, ge=1024, description="Largest request body; more gets 413."
+    )
+
+
+class ApiKey(StrictModel):
+    """One API key: only its SHA-256 is stored; its name is what logs and metrics show."""
+
+    name: Annotated[str, Field(pattern=KEY_NAME_PATTERN)] = Field(
+        description="Who holds the key; used in logs and metric labels, never the key itself."
+    )
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] = Field(
+        description="Hex SHA-256 of the key (`python -m apps.auth new NAME` makes a key and its entry)."
+    )
+    models: list[str] | None = Field(
+        default=None, description="Model ids this key may use; None: all of them."
+    )
+    requests_per_minute: int | None = Field(default=None, ge=1, description="None: unlimited.")
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="Prompt + generated tokens per minute; None: unlimited.",
+    )
+    max_concurrent_requests: int | None = Field(default=None, ge=1, description="None: unlimited.")
+    priority: Priority = Field(
+        default="normal", description="Queue class: high is served first and shed last."
+    )
+
+    @property
+    def rate_limited(self) -> bool:
+        """Whether the shared limiter must see this key's requests."""
+        limits = (self.requests_per_minute, self.tokens_per_minute, self.max_concurrent_requests)
+        return any(limit is not None for limit in limits)
+
+
+class AuthSettings(StrictModel):
+    """API keys. Off by default so the embedded default runs without any; a gateway facing users
+    turns it on."""
+
+    enabled: bool = Field(default=False, description="Require `Authorization: Bearer KEY`.")
+    keys: list[ApiKey] = Field(default_factory=list, description="The accepted keys.")
+    keys_file: str | None = Field(
+        default=None,
+        description="A YAML file with a list of more keys (same fields), read when the app is built.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_keys_file(cls, data: object) -> object:
+        if not isinstance(data, dict) or not data.get("keys_file"):
+            return data
+        path = Path(str(data["keys_file"])).expanduser()
+        try:
+            entries = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"cannot read keys_file {path}: {exc}") from exc
+        if not isinstance(entries, list):
+            raise ValueError(f"keys_file {path} must hold a YAML list of keys.")
+        return data | {"keys": list(data.get("keys") or []) + entries}
+
+    @model_validator(mode="after")
+    def _keys_usable(self) -> AuthSettings:
+        if self.enabled and not self.keys:
+            raise ValueError("auth is enabled but no keys are configured: add `keys` or `keys_file`.")
+        for field in ("name", "sha256"):
+            values = [getattr(key, field) for key in self.keys]
+            duplicates = sorted({v for v in values if values.count(v) > 1})
+            if duplicates:
+                shown = duplicates if field == "name" else [d[:8] + "..." for d in duplicates]
+                raise ValueError(f"Duplicate key {field}s {shown}: each key must be distinct.")
+        return self
 
 
 class AppConfig(StrictModel):
@@ -324,6 +477,7 @@ class AppConfig(StrictModel):
 
     models: list[ModelConfig] = Field(min_length=1, description="The models to serve.")
     ingress: IngressSettings = Field(default_factory=IngressSettings, description="HTTP ingress.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="API keys and their limits.")
 
     @model_validator(mode="after")
     def _unique_ids(self) -> AppConfig:
@@ -333,6 +487,14 @@ class AppConfig(StrictModel):
             raise ValueError(f"Duplicate model ids {duplicates}: make each id unique.")
         return self
 
+    @model_validator(mode="after")
+    def _key_models_served(self) -> AppConfig:
+        served = {m.id for m in self.models}
+        for key in self.auth.keys:
+            unknown = sorted(set(key.models or ()) - served)
+            if unknown:
+                raise ValueError(f"Key {key.name!r} names models that are not served: {unknown}")
+        return self
 
 
 class ConfigError(ValueError):

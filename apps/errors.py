@@ -3,20 +3,28 @@
     GatewayError                  status, OpenAI `type`, stable `code`, optional `param`
     +-- ClientError               4xx: the request is wrong; retrying it unchanged will not help
     |   +-- InvalidRequest        400 a parameter is missing, of the wrong type or out of range
+    |   +-- Unauthorized          401 no API key, or an unknown one
+    |   +-- Forbidden             403 the key may not use this model
     |   +-- ModelNotFound         404 the `model` is not served here
     |   +-- RouteNotFound         404/405 no such endpoint or method
+    |   +-- PayloadTooLarge       413 the body is larger than the ingress accepts
     |   +-- EngineRejected        4xx the engine (vLLM's OpenAI layer) refused the request
-    +-- ServerError               5xx: our fault or a dead engine; the request may be retried
-        +-- EngineUnavailable     503 the model has no live engine to answer
+    |   +-- RateLimited           429 the key is over a limit; `Retry-After` says when it is not
+    +-- ServerError               5xx: our fault, overload or a dead engine; may be retried
+        +-- EngineUnavailable     503 the model has no live engine, or is overloaded
+        +-- Overloaded            503 the model's queue is full or shed this request (`Retry-After`)
+        +-- DeadlineExceeded      504 the request ran past its time-to-first-token or total timeout
         +-- InternalError         500 anything else, with a sanitised message
 
 The `code` string is stable: clients can switch on it, and metrics use it as the rejection label.
+Errors that tell the client when to come back carry response headers (`Retry-After`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from http import HTTPStatus
 from typing import Any
 
@@ -44,6 +52,7 @@ class GatewayError(Exception):
         self.param = param
         if code is not None:
             self.code = code
+        self.headers: dict[str, str] = {}
 
 
 class ClientError(GatewayError):
@@ -56,6 +65,27 @@ class ClientError(GatewayError):
 
 class InvalidRequest(ClientError):
     """A parameter is missing, of the wrong type or out of range (400)."""
+
+
+class Unauthorized(ClientError):
+    """No API key, or an unknown one (401)."""
+
+    status = HTTPStatus.UNAUTHORIZED
+    code = "invalid_api_key"
+
+
+class Forbidden(ClientError):
+    """The API key may not use this model (403)."""
+
+    status = HTTPStatus.FORBIDDEN
+    code = "model_not_allowed"
+
+
+class PayloadTooLarge(ClientError):
+    """The request body is larger than the ingress accepts (413)."""
+
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+    code = "request_too_large"
 
 
 class ModelNotFound(ClientError):
@@ -85,8 +115,21 @@ class EngineRejected(ClientError):
         self.status = status
 
 
+class RateLimited(ClientError):
+    """The key is over its requests, tokens or concurrency limit (429). `kind` is OpenAI's error
+    type: `requests` or `tokens`."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.type = kind
+        self.headers.update(retry_after_headers(retry_after_s))
+
+
 class ServerError(GatewayError):
-    """Our fault or a dead engine (5xx)."""
+    """Our fault, overload or a dead engine (5xx)."""
 
 
 class EngineUnavailable(ServerError):
@@ -96,8 +139,35 @@ class EngineUnavailable(ServerError):
     code = "engine_unavailable"
 
 
+class Overloaded(ServerError):
+    """The model's ingress queue is full, shed this request for a higher class, or the wait ran
+    past its deadline (503). `code` says which; so does the `x-reject-reason` header."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+    def __init__(self, message: str, *, reason: str, retry_after_s: float) -> None:
+        super().__init__(message, code=reason)
+        self.headers.update(retry_after_headers(retry_after_s))
+        self.headers["x-reject-reason"] = reason
+
+
+class DeadlineExceeded(ServerError):
+    """The request ran past its time-to-first-token or total timeout; the engine request is
+    aborted (504)."""
+
+    status = HTTPStatus.GATEWAY_TIMEOUT
+    code = "timeout"
+
+
 class InternalError(ServerError):
     """Anything unexpected; callers send a generic message and log the details (500)."""
+
+
+def retry_after_headers(seconds: float) -> dict[str, str]:
+    """`Retry-After` in whole seconds (HTTP's unit, rounded up) and `retry-after-ms`, which the
+    official OpenAI clients read first."""
+    seconds = max(seconds, 0.001)
+    return {"retry-after": str(math.ceil(seconds)), "retry-after-ms": str(math.ceil(seconds * 1000))}
 
 
 def error_body(error: GatewayError) -> dict[str, Any]:
@@ -144,3 +214,8 @@ def model_call_error(model_id: str, exc: Exception) -> GatewayError:
         return EngineUnavailable(f"Model {model_id} has no live replica for this request; retry later.")
     logger.error("Call to model %s failed: %r", model_id, exc)
     return InternalError("Internal server error.")
+
+
+def never_reached_model(exc: BaseException) -> bool:
+    """Whether a failed model call surely never ran on a replica (so used no tokens)."""
+    return isinstance(exc, (BackPressureError, DeploymentUnavailableError))

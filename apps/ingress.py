@@ -4,14 +4,22 @@
     GET  /v1/models                                   the served model ids
     GET  /health                                      200 only when every model has a live replica
 
+A request's way through `_forward`:
+
+    authenticate (401) -> read, parse, shape (413, 400) -> may this key use the model (404, 403)
+    -> reserve the key's request and tokens in the shared limiter (429)
+    -> wait for a slot of the model (503 when full, shed or out of time)
+    -> call the model server; head within the time-to-first-token timeout (504)
+    -> relay the body until the total timeout
+
 The status is known before the first byte (the model server's `ResponseHead`); after it, body
-bytes are relayed as they come, never parsed. Every error is OpenAI's error object.
+bytes are relayed as they come, never parsed. Every error is OpenAI's error object, and every
+answer to a rate-limited key carries its `x-ratelimit-*` headers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -23,27 +31,41 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.schema import ReplicaState
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from apps.admission import ModelRoute, gate_for, until
+from apps.auth import Caller, KeyTable
 from apps.config import AppConfig
 from apps.errors import (
-    JSON_MEDIA_TYPE,
+    DeadlineExceeded,
     EngineUnavailable,
     GatewayError,
     InternalError,
     RouteNotFound,
     error_body,
     model_call_error,
+    never_reached_model,
 )
+from apps.rate_limits import rate_limit_error, ratelimit_headers
 from apps.streaming import SSE_MEDIA_TYPE, RelayResponse, ResponseHead
-from apps.validation import Endpoint, parse_body, shape_request
+from apps.validation import (
+    Endpoint,
+    ShapedRequest,
+    parse_body,
+    read_body,
+    requested_model,
+    shape_request,
+)
 
 logger = logging.getLogger("ray.serve")
+# After a model call ends abnormally at the ingress, the model server's own settle (with the real
+# token count) normally lands within milliseconds; this fallback only matters if it never does.
+BACKSTOP_SETTLE_DELAY_S = 5.0
 
 app = FastAPI(title="LLM gateway", description="OpenAI-compatible API over vLLM engines.")
 
 
 @app.exception_handler(GatewayError)
 async def _gateway_error(_: Request, error: GatewayError) -> JSONResponse:
-    return JSONResponse(error_body(error), status_code=error.status)
+    return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -61,28 +83,38 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
 
 @serve.ingress(app)
 class Ingress:
-    """Routes each request by its `model` field to that model's deployment."""
+    """Routes each request by its `model` field to that model's deployment, after admission."""
 
-    def __init__(self, config: AppConfig, models: Mapping[str, DeploymentHandle]) -> None:
-        self._limits = {model.id: model.limits for model in config.models}
+    def __init__(
+        self,
+        config: AppConfig,
+        models: Mapping[str, DeploymentHandle],
+        limiter: DeploymentHandle | None = None,
+    ) -> None:
+        self._keys = KeyTable(config.auth)
+        self._limiter = limiter
+        self._max_body_bytes = config.ingress.max_body_bytes
         self._models = dict(models)
-        self._streams = {model_id: handle.options(stream=True) for model_id, handle in models.items()}
+        self._routes = {
+            model.id: ModelRoute(
+                model,
+                gate_for(model, config.ingress.num_replicas),
+                models[model.id].options(stream=True),
+            )
+            for model in config.models
+        }
         self._health_timeout_s = config.ingress.health_timeout_s
         created = int(time.time())
-        self._model_list = json.dumps(
-            {
-                "object": "list",
-                "data": [
-                    {"id": model.id, "object": "model", "created": created, "owned_by": "gateway"}
-                    for model in config.models
-                ],
-            }
-        ).encode()
+        self._model_list = [
+            {"id": model.id, "object": "model", "created": created, "owned_by": "gateway"}
+            for model in config.models
+        ]
 
     @app.get("/v1/models")
-    async def list_models(self) -> Response:
-        return Response(self._model_list, media_type=JSON_MEDIA_TYPE)
-
+    async def list_models(self, request: Request) -> Response:
+        caller = self._keys.authenticate(request.headers.get("authorization"))
+        visible = [model for model in self._model_list if caller.may_use(model["id"])]
+        return JSONResponse({"object": "list", "data": visible})
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._forward(request, "chat")
@@ -113,18 +145,100 @@ class Ingress:
         return JSONResponse({"status": "ok", "models": list(self._models)})
 
     async def _forward(self, request: Request, endpoint: Endpoint) -> Response:
-        shaped = shape_request(parse_body(await request.body()), endpoint, self._limits)
-        stream: DeploymentResponseGenerator = self._streams[shaped.model_id].generate.remote(
-            endpoint, shaped.body
+        arrived = asyncio.get_running_loop().time()
+        caller = self._keys.authenticate(request.headers.get("authorization"))
+        body = parse_body(await read_body(request, self._max_body_bytes))
+        model_id = requested_model(body)
+        self._keys.authorize(caller, model_id, self._routes)
+        route = self._routes[model_id]
+        shaped = shape_request(body, endpoint, model_id, route.config.limits)
+        headers = {"x-max-tokens-clamped": str(shaped.max_tokens)} if shaped.clamped else {}
+        reservation = None
+        if caller.rate_limited:
+            reservation = await self._reserve(caller, shaped, headers)
+        try:
+            return await self._admit_and_call(route, endpoint, shaped, caller, reservation, headers, arrived)
+        except GatewayError as error:
+            error.headers = headers | error.headers
+            raise
+
+    async def _reserve(self, caller: Caller, shaped: ShapedRequest, headers: dict[str, str]) -> str:
+        """The caller's reservation in the shared limiter; adds its `x-ratelimit-*` headers."""
+        try:
+            decision = await self._limiter.reserve.remote(caller.name, shaped.reserved_tokens)
+        except Exception as exc:
+            logger.error("Rate limiter call failed: %r", exc)
+            raise EngineUnavailable(
+                "The rate limiter is unavailable; retry later.", code="limiter_unavailable"
+            ) from None
+        headers.update(ratelimit_headers(decision))
+        if not decision.admitted:
+            error = rate_limit_error(decision)
+            error.headers = headers | error.headers
+            raise error
+        return decision.reservation
+
+    async def _admit_and_call(
+        self,
+        route: ModelRoute,
+        endpoint: Endpoint,
+        shaped: ShapedRequest,
+        caller: Caller,
+        reservation: str | None,
+        headers: dict[str, str],
+        arrived: float,
+    ) -> Response:
+        head_due, total_due = route.deadlines(arrived, shaped.body.get("stream") is True)
+        try:
+            await route.gate.acquire(caller.priority, head_due)
+        except BaseException:
+            self._settle(reservation, used_tokens=0)  # never reached an engine
+            raise
+        stream: DeploymentResponseGenerator = route.stream.generate.remote(
+            endpoint, shaped.body, reservation
         )
         try:
-            head: ResponseHead = await anext(stream)
-        except asyncio.CancelledError:
+            head: ResponseHead = await until(anext(stream), head_due)
+        except BaseException as exc:
             stream.cancel()
+            route.gate.release()
+            self._settle_unless_model_did(reservation, exc)
+            if isinstance(exc, TimeoutError):
+                raise DeadlineExceeded(
+                    f"Model {shaped.model_id} did not answer in time; the request was aborted."
+                ) from None
+            if isinstance(exc, Exception):
+                raise model_call_error(shaped.model_id, exc) from exc
             raise
-        except Exception as exc:
-            stream.cancel()
-            raise model_call_error(shaped.model_id, exc) from exc
         if head.media_type != SSE_MEDIA_TYPE:
-            return Response(head.body, status_code=head.status, media_type=head.media_type)
-        return RelayResponse(head.body, stream, shaped.model_id)
+            route.gate.release()
+            return Response(
+                head.body, status_code=head.status, media_type=head.media_type, headers=headers
+            )
+        return RelayResponse(
+            head.body,
+            stream,
+            shaped.model_id,
+            headers=headers,
+            deadline=total_due,
+            on_close=route.gate.release,
+        )
+
+    def _settle(self, reservation: str | None, used_tokens: int | None) -> None:
+        if reservation is not None:
+            self._limiter.settle.remote(reservation, used_tokens)
+
+    def _settle_unless_model_did(self, reservation: str | None, exc: BaseException) -> None:
+        """A model call that ended at the ingress (cancelled, timed out, failed): the model server
+        settles with the real count if it ran the request. A call that never reached it is
+        refunded now; otherwise, in case its replica died, it is charged in full a little later,
+        which does nothing if the model server's settle came first."""
+        if reservation is None:
+            return
+        if never_reached_model(exc):
+            self._settle(reservation, used_tokens=0)
+        else:
+            asyncio.get_running_loop().call_later(
+                BACKSTOP_SETTLE_DELAY_S, self._settle, reservation, None
+            )
+

@@ -4,18 +4,24 @@ Chat and text completions go through vLLM's own OpenAI serving layer (chat templ
 parameters, stop sequences, usage); this class only adapts it to the wire of `apps.streaming`:
 a `ResponseHead`, then raw SSE bytes. Serve calls `check_health` periodically; it fails once the
 engine is dead, and Serve then replaces the replica.
+
+A request the rate limiter reserved tokens for is settled here, with the engine's real count
+(`apps.usage`), however it ends: a finished request before its last bytes leave (so the refund is
+visible by the time the client could send its next request), a failed or cancelled one at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from apps.config import ModelConfig
 from apps.engine_args import engine_args
@@ -37,27 +43,41 @@ from apps.streaming import (
     first_event_error,
     translate_error_events,
 )
+from apps.usage import MeteredEngine, Usage, start_usage
 from apps.validation import Endpoint
 
 logger = logging.getLogger("ray.serve")
+# OpenAI request fields vLLM does not know but that change nothing in the answer (bookkeeping for
+# OpenAI's own platform): accepted and dropped. Any other unknown field is a 400, as at OpenAI,
+# instead of vLLM's silent ignoring (a misspelt `temperatur` must not pass unnoticed).
+IGNORED_OPENAI_FIELDS = frozenset(
+    {"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"}
+)
+# The last event of every vLLM stream.
+DONE_EVENT = b"data: [DONE]\n\n"
+# A settle that cannot reach the limiter this fast is left to finish on its own.
+SETTLE_WAIT_S = 2.0
 
 
 class ModelServer:
     """Serves one model; Serve runs N replicas of it, each with its own engine and placement group."""
 
-    async def __init__(self, model: ModelConfig) -> None:
+    async def __init__(self, model: ModelConfig, limiter: DeploymentHandle | None = None) -> None:
         # vLLM is imported here, in the replica, so building the app stays light.
         from ray.util.placement_group import get_current_placement_group
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.cli_args import FrontendArgs
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.chat_completion.protocol import (
+            ChatCompletionRequest,
+        )
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.executor.abstract import Executor
 
         self._model = model
+        self._limiter = limiter
         placement = placement_for(model.parallelism)
         if model.parallelism.accelerator == "cpu":
             # Read by vLLM when it starts the workers, so set before the engine exists.
@@ -81,7 +101,7 @@ class ModelServer:
         state = State()
         frontend = argparse.Namespace(**(vars(FrontendArgs()) | vars(args)))
         await init_app_state(
-            self._engine,
+            MeteredEngine(self._engine, model.id, model.limits.max_prompt_tokens),
             state,
             frontend,
             supported_tasks=await self._engine.get_supported_tasks(),
@@ -93,14 +113,30 @@ class ModelServer:
         }
         logger.info("Model %s ready: %s", model.id, placement)
 
-    async def generate(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[ResponseHead | bytes]:
-        """Run one OpenAI request; yields a `ResponseHead`, then (streams only) SSE bytes."""
+    async def generate(
+        self, endpoint: Endpoint, body: dict[str, Any], reservation: str | None = None
+    ) -> AsyncIterator[ResponseHead | bytes]:
+        """Run one OpenAI request; yields a `ResponseHead`, then (streams only) SSE bytes.
+        `reservation`: the rate limiter's, settled here with the tokens really used."""
+        usage = start_usage()
+        settle = _Settlement(self._limiter, reservation, usage)
+        try:
+            async for item in self._respond(endpoint, body, settle):
+                yield item
+        finally:
+            settle.now()  # failed or cancelled: no waiting on the limiter
+
+    async def _respond(
+        self, endpoint: Endpoint, body: dict[str, Any], settle: _Settlement
+    ) -> AsyncIterator[ResponseHead | bytes]:
         try:
             result = await self._start(endpoint, body)
         except GatewayError as error:
+            await settle.wait()
             yield error_head(error)
             return
         if isinstance(result, BaseModel):
+            await settle.wait()
             yield ResponseHead(200, JSON_MEDIA_TYPE, result.model_dump_json().encode())
             return
         chunks = coalesce(result)
@@ -113,11 +149,16 @@ class ModelServer:
             # vLLM reports failures inside the stream; before the first byte they get a status.
             error = first_event_error(first)
             if error is not None:
+                await settle.wait()
                 yield error_head(error)
                 return
+            if first.endswith(DONE_EVENT):
+                await settle.wait()
             yield ResponseHead(200, SSE_MEDIA_TYPE, translate_error_events(first))
             try:
                 async for chunk in chunks:
+                    if chunk.endswith(DONE_EVENT):
+                        await settle.wait()
                     yield translate_error_events(chunk)
             except Exception as exc:  # headers are out: end the stream with an error event
                 yield error_event(self._engine_failure(exc))
@@ -132,8 +173,10 @@ class ModelServer:
         if self._engine.errored:
             raise self._engine_failure(self._engine.dead_error)
         serving = self._serving[endpoint]
+        request_type = self._request_types[endpoint]
+        body = _known_fields(body, request_type)
         try:
-            request = self._request_types[endpoint].model_validate(body)
+            request = request_type.model_validate(body)
             if endpoint == "chat":
                 result = await serving.create_chat_completion(request)
             else:
@@ -178,6 +221,57 @@ class ModelServer:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+class _Settlement:
+    """Settles one reservation with the limiter, exactly once."""
+
+    def __init__(self, limiter: DeploymentHandle | None, reservation: str | None, usage: Usage) -> None:
+        self._limiter = limiter
+        self._reservation = reservation
+        self._usage = usage
+        self._done = limiter is None or reservation is None
+
+    async def wait(self) -> None:
+        """Settle and wait for the limiter to have it (bounded: never holds up the answer long)."""
+        response = self._send()
+        if response is not None:
+            try:
+                await asyncio.wait_for(response, SETTLE_WAIT_S)
+            except Exception as exc:
+                logger.warning("Settling reservation %s failed: %r", self._reservation, exc)
+
+    def now(self) -> None:
+        """Settle without waiting."""
+        self._send()
+
+    def _send(self) -> DeploymentResponse | None:
+        if self._done:
+            return None
+        self._done = True
+        return self._limiter.settle.remote(self._reservation, self._usage.total_tokens)
+
+
+def _known_fields(body: dict[str, Any], request_type: type[BaseModel]) -> dict[str, Any]:
+    """`body` without the ignorable OpenAI fields; 400 for any other field vLLM does not know."""
+    unknown = sorted(body.keys() - _field_names(request_type) - IGNORED_OPENAI_FIELDS)
+    if unknown:
+        raise InvalidRequest(
+            f"Unrecognized request argument supplied: {unknown[0]}",
+            param=unknown[0],
+            code="unknown_parameter",
+        )
+    return {name: value for name, value in body.items() if name not in IGNORED_OPENAI_FIELDS}
+
+
+@functools.cache
+def _field_names(request_type: type[BaseModel]) -> frozenset[str]:
+    return frozenset(
+        name
+        for field_name, field in request_type.model_fields.items()
+        for name in (field_name, field.alias)
+        if name
+    )
 
 
 def _invalid_request(exc: ValidationError) -> InvalidRequest:

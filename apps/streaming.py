@@ -14,14 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentResponseGenerator
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from apps.errors import JSON_MEDIA_TYPE, GatewayError, engine_error, error_event, error_json, model_call_error
+from apps.errors import (
+    JSON_MEDIA_TYPE,
+    DeadlineExceeded,
+    GatewayError,
+    engine_error,
+    error_event,
+    error_json,
+    model_call_error,
+)
 
 SSE_MEDIA_TYPE = "text/event-stream"
 # Proxies must not buffer or transform an event stream.
@@ -125,23 +133,49 @@ class RelayResponse(StreamingResponse):
     """The ingress side of a stream: the model server's SSE bytes, relayed as they arrive.
 
     However the response ends (client gone, Starlette cancelling the sending task before the
-    body iterator ever ran, an error), the model call is cancelled unless it finished, which
-    aborts the engine request. A failure after the headers went out ends the stream with an
-    error event.
+    body iterator ever ran, an error, the deadline), the model call is cancelled unless it
+    finished, which aborts the engine request, and `on_close` runs once. A failure or the deadline
+    after the headers went out ends the stream with an error event. The deadline is one timer,
+    not a check per chunk.
     """
 
-    def __init__(self, first: bytes, stream: DeploymentResponseGenerator, model_id: str) -> None:
-        super().__init__(self._relay(first), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+    def __init__(
+        self,
+        first: bytes,
+        stream: DeploymentResponseGenerator,
+        model_id: str,
+        *,
+        headers: Mapping[str, str],
+        deadline: float | None,
+        on_close: Callable[[], None],
+    ) -> None:
+        super().__init__(
+            self._relay(first), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS | dict(headers)
+        )
         self._stream = stream
         self._model_id = model_id
+        self._deadline = deadline
+        self._on_close = on_close
         self._finished = False
+        self._timed_out = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timer = None
+        if self._deadline is not None:
+            timer = asyncio.get_running_loop().call_at(self._deadline, self._expire)
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if timer is not None:
+                timer.cancel()
             if not self._finished:
                 self._stream.cancel()
+            self._on_close()
+
+    def _expire(self) -> None:
+        if not self._finished:
+            self._timed_out = True
+            self._stream.cancel()
 
     async def _relay(self, first: bytes) -> AsyncIterator[bytes]:
         yield first
@@ -149,5 +183,10 @@ class RelayResponse(StreamingResponse):
             async for chunk in self._stream:
                 yield chunk
         except Exception as exc:
-            yield error_event(model_call_error(self._model_id, exc))
+            if self._timed_out:
+                yield error_event(
+                    DeadlineExceeded(f"The request to model {self._model_id} ran past its timeout.")
+                )
+            else:
+                yield error_event(model_call_error(self._model_id, exc))
         self._finished = True

@@ -1,19 +1,26 @@
-"""Request shaping at the ingress: parse the body, find the model, apply its token limits.
+"""Request shaping at the ingress: read and parse the body, apply the model's limits, estimate
+the request's token cost. Every check the gateway itself decides on is here:
 
-This checks only what the gateway itself decides (which model, how many tokens). Everything else
-(messages, roles, sampling parameters, stop sequences) is validated by vLLM's own protocol models
-in the model server, and its 4xx answers are passed on unchanged in status and message.
+    body size (413), JSON (400), `model` (400), `stream`, max_tokens default and cap (400, or
+    clamped), `n` cap, number of `stop` sequences
+
+Everything else (messages, roles, sampling parameters) is validated by vLLM's own protocol models
+in the model server, and its 4xx answers are passed on unchanged in status and message; the exact
+prompt-length cap is checked there too, on the real token count (`apps.model_server`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from starlette.requests import Request
+
 from apps.config import RequestLimits
-from apps.errors import InvalidRequest, ModelNotFound
+from apps.errors import InvalidRequest, PayloadTooLarge
 
 Endpoint = Literal["chat", "completion"]
 # Chat accepts OpenAI's newer name too; both mean the same limit.
@@ -23,13 +30,38 @@ MAX_TOKENS_FIELDS: dict[Endpoint, tuple[str, ...]] = {
 }
 
 
+# A cheap prompt-token estimate for the rate-limit reservation; the engine's real count settles it.
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4  # role markers and separators of a chat template
+
+
 @dataclass(frozen=True)
 class ShapedRequest:
-    """A request the gateway accepts: its model is served and its max_tokens is within limits."""
+    """A request within its model's limits, and what it may cost in tokens at most."""
 
     model_id: str
     body: dict[str, Any]
     max_tokens: int
+    clamped: bool  # max_tokens was lowered to the cap (`over_cap: clamp`)
+    reserved_tokens: int  # prompt estimate + choices x max_tokens
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, or 413 as soon as it passes `max_bytes` (never buffered whole first)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise _too_large(max_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(max_bytes: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than {max_bytes} bytes.")
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
@@ -54,35 +86,101 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def shape_request(
-    body: dict[str, Any], endpoint: Endpoint, limits: Mapping[str, RequestLimits]
-) -> ShapedRequest:
-    """Check the fields the gateway decides on and fill in the model's default max_tokens."""
+def requested_model(body: Mapping[str, Any]) -> str:
+    """The `model` field, or 400. Whether it is served (and to whom) is the caller's check."""
     model_id = body.get("model")
     if not isinstance(model_id, str) or not model_id:
         raise InvalidRequest("`model` is required and must be a non-empty string.", param="model")
-    model_limits = limits.get(model_id)
-    if model_limits is None:
-        raise ModelNotFound(
-            f"The model `{model_id}` does not exist. Served models: {sorted(limits)}",
-            param="model",
-        )
+    return model_id
 
+
+def shape_request(
+    body: dict[str, Any], endpoint: Endpoint, model_id: str, limits: RequestLimits
+) -> ShapedRequest:
+    """Check the fields the gateway decides on and fill in the model's default max_tokens."""
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest(f"`stream` must be a boolean. Given: {stream!r}", param="stream")
+    if endpoint == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequest("`messages` must be a non-empty list.", param="messages")
+    choices = _choices(body, limits.max_n)
+    _check_stop(body.get("stop"), limits.max_stop_sequences)
 
-    max_tokens = _max_tokens(body, endpoint, model_id, model_limits)
+    max_tokens, clamped = _max_tokens(body, endpoint, model_id, limits)
     shaped = dict(body)
     for field in MAX_TOKENS_FIELDS[endpoint]:
         shaped.pop(field, None)
     shaped["max_tokens"] = max_tokens
-    return ShapedRequest(model_id, shaped, max_tokens)
+    reserved = prompt_estimate(body, endpoint) + choices * max_tokens
+    return ShapedRequest(model_id, shaped, max_tokens, clamped, reserved)
+
+
+def prompt_estimate(body: Mapping[str, Any], endpoint: Endpoint) -> int:
+    """Prompt tokens, estimated from characters (token ids count as they are). Only for the
+    rate-limit reservation: a wrong estimate is corrected when the request is settled."""
+    if endpoint == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return 0
+        chars = sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict))
+        return math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages)
+    prompt = body.get("prompt")
+    prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+    total = 0
+    for item in prompts:
+        if isinstance(item, str):
+            total += math.ceil(len(item) / CHARS_PER_TOKEN)
+        elif isinstance(item, list):  # token ids
+            total += len(item)
+    return total
+
+
+def _text_chars(content: Any) -> int:
+    """Characters of a message's text, whether a string or a list of content parts."""
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(
+            len(part["text"])
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return 0
+
+
+def _choices(body: Mapping[str, Any], cap: int) -> int:
+    """`n`: absent is 1, else a positive integer up to the cap."""
+    value = body.get("n")
+    if value is None:
+        return 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidRequest(f"`n` must be a positive integer. Given: {value!r}", param="n")
+    if value > cap:
+        raise InvalidRequest(f"`n` must be <= {cap}. Given: {value}", param="n", code="n_too_large")
+    return value
+
+
+def _check_stop(stop: Any, cap: int) -> None:
+    if stop is None or isinstance(stop, str):
+        return
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise InvalidRequest(
+            "`stop` must be a string or a list of strings.", param="stop", code="invalid_stop"
+        )
+    if len(stop) > cap:
+        raise InvalidRequest(
+            f"`stop` may hold at most {cap} sequences. Given: {len(stop)}",
+            param="stop",
+            code="too_many_stop_sequences",
+        )
 
 
 def _max_tokens(
     body: Mapping[str, Any], endpoint: Endpoint, model_id: str, limits: RequestLimits
-) -> int:
+) -> tuple[int, bool]:
+    """The request's max_tokens and whether it was clamped to the cap."""
     given = {f: body[f] for f in MAX_TOKENS_FIELDS[endpoint] if body.get(f) is not None}
     if len(set(map(repr, given.values()))) > 1:
         raise InvalidRequest(
@@ -90,7 +188,7 @@ def _max_tokens(
             param="max_completion_tokens",
         )
     if not given:
-        return limits.default_max_tokens
+        return limits.default_max_tokens, False
     field, value = next(iter(given.items()))
     # bool is an int in Python, but `true` is not a token count.
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -98,9 +196,11 @@ def _max_tokens(
             f"`{field}` must be a positive integer. Given: {value!r}", param=field
         )
     if value > limits.max_tokens_cap:
+        if limits.over_cap == "clamp":
+            return limits.max_tokens_cap, True
         raise InvalidRequest(
             f"`{field}` must be <= {limits.max_tokens_cap} for model {model_id}. Given: {value}",
             param=field,
             code="max_tokens_too_large",
         )
-    return value
+    return value, False

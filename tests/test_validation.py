@@ -1,14 +1,15 @@
-"""Request shaping at the ingress: body parsing, model lookup and the max_tokens default and cap."""
+"""Request shaping at the ingress: body parsing, the max_tokens default, cap and clamp, the caps on
+`n`, `best_of` and `stop`, and the token estimate the rate limiter reserves."""
 
 from __future__ import annotations
 
 import pytest
 
 from apps.config import RequestLimits
-from apps.errors import InvalidRequest, ModelNotFound, error_body
-from apps.validation import parse_body, shape_request
+from apps.errors import InvalidRequest, error_body
+from apps.validation import parse_body, prompt_estimate, requested_model, shape_request
 
-LIMITS = {"tiny": RequestLimits(default_max_tokens=100, max_tokens_cap=200)}
+LIMITS = RequestLimits(default_max_tokens=100, max_tokens_cap=200, max_n=3, max_stop_sequences=2)
 
 
 def chat(**fields):
@@ -16,21 +17,21 @@ def chat(**fields):
 
 
 def test_missing_max_tokens_gets_the_model_default():
-    shaped = shape_request(chat(), "chat", LIMITS)
+    shaped = shape_request(chat(), "chat", "tiny", LIMITS)
     assert shaped.max_tokens == 100 and shaped.body["max_tokens"] == 100
 
 
 def test_null_max_tokens_gets_the_model_default():
-    assert shape_request(chat(max_tokens=None), "completion", LIMITS).max_tokens == 100
+    assert shape_request(chat(max_tokens=None), "completion", "tiny", LIMITS).max_tokens == 100
 
 
 def test_max_tokens_at_cap_is_kept():
-    assert shape_request(chat(max_tokens=200), "chat", LIMITS).max_tokens == 200
+    assert shape_request(chat(max_tokens=200), "chat", "tiny", LIMITS).max_tokens == 200
 
 
 def test_max_tokens_over_cap_names_the_cap_and_value():
     with pytest.raises(InvalidRequest) as raised:
-        shape_request(chat(max_tokens=4096), "chat", LIMITS)
+        shape_request(chat(max_tokens=4096), "chat", "tiny", LIMITS)
     assert error_body(raised.value)["error"] == {
         "message": "`max_tokens` must be <= 200 for model tiny. Given: 4096",
         "type": "invalid_request_error",
@@ -40,43 +41,79 @@ def test_max_tokens_over_cap_names_the_cap_and_value():
 
 
 def test_max_completion_tokens_is_capped_and_normalised():
-    shaped = shape_request(chat(max_completion_tokens=150), "chat", LIMITS)
+    shaped = shape_request(chat(max_completion_tokens=150), "chat", "tiny", LIMITS)
     assert shaped.body["max_tokens"] == 150 and "max_completion_tokens" not in shaped.body
     with pytest.raises(InvalidRequest, match="max_completion_tokens` must be <= 200"):
-        shape_request(chat(max_completion_tokens=201), "chat", LIMITS)
+        shape_request(chat(max_completion_tokens=201), "chat", "tiny", LIMITS)
 
 
 def test_conflicting_token_limits_are_rejected():
     with pytest.raises(InvalidRequest, match="disagree"):
-        shape_request(chat(max_tokens=10, max_completion_tokens=20), "chat", LIMITS)
+        shape_request(chat(max_tokens=10, max_completion_tokens=20), "chat", "tiny", LIMITS)
 
 
 @pytest.mark.parametrize("value", [0, -5, 1.5, "10", True])
 def test_max_tokens_must_be_a_positive_integer(value):
     with pytest.raises(InvalidRequest) as raised:
-        shape_request(chat(max_tokens=value), "chat", LIMITS)
+        shape_request(chat(max_tokens=value), "chat", "tiny", LIMITS)
     assert raised.value.param == "max_tokens" and raised.value.status == 400
-
-
-def test_unknown_model_is_404_listing_served_ids():
-    with pytest.raises(ModelNotFound) as raised:
-        shape_request({"model": "gpt-9"}, "chat", LIMITS)
-    assert raised.value.status == 404
-    assert "['tiny']" in raised.value.message and raised.value.param == "model"
 
 
 @pytest.mark.parametrize("body", [{}, {"model": 3}, {"model": ""}])
 def test_model_is_required(body):
     with pytest.raises(InvalidRequest) as raised:
-        shape_request(body, "chat", LIMITS)
+        requested_model(body)
     assert raised.value.param == "model"
+    assert requested_model({"model": "tiny"}) == "tiny"
+
+
+def test_clamp_mode_lowers_max_tokens_to_the_cap():
+    clamping = LIMITS.model_copy(update={"over_cap": "clamp"})
+    shaped = shape_request(chat(max_tokens=4096), "chat", "tiny", clamping)
+    assert (shaped.max_tokens, shaped.clamped, shaped.body["max_tokens"]) == (200, True, 200)
+    assert shape_request(chat(max_tokens=150), "chat", "tiny", clamping).clamped is False
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [("n", 4, "n_too_large"), ("n", 0, "invalid_request"), ("n", "2", "invalid_request")],
+)
+def test_choice_count_is_capped(field, value, code):
+    with pytest.raises(InvalidRequest) as raised:
+        shape_request(chat(**{field: value}), "completion", "tiny", LIMITS)
+    assert (raised.value.param, raised.value.code) == (field, code)
+
+
+@pytest.mark.parametrize(
+    ("stop", "code"),
+    [(["a", "b", "c"], "too_many_stop_sequences"), ([1], "invalid_stop"), ({"a": 1}, "invalid_stop")],
+)
+def test_stop_sequences_are_capped(stop, code):
+    with pytest.raises(InvalidRequest) as raised:
+        shape_request(chat(stop=stop), "chat", "tiny", LIMITS)
+    assert (raised.value.param, raised.value.code) == ("stop", code)
+    assert shape_request(chat(stop=["a", "b"]), "chat", "tiny", LIMITS).body["stop"] == ["a", "b"]
+
+
+def test_reservation_is_prompt_estimate_plus_every_choice_at_max_tokens():
+    body = chat(max_tokens=50, n=3, messages=[{"role": "user", "content": "x" * 400}])
+    assert shape_request(body, "chat", "tiny", LIMITS).reserved_tokens == 100 + 4 + 3 * 50
+
+
+def test_prompt_estimate_reads_text_parts_and_token_ids():
+    parts = [{"type": "text", "text": "y" * 40}, {"type": "image_url", "image_url": {"url": "u"}}]
+    assert prompt_estimate({"messages": [{"role": "user", "content": parts}]}, "chat") == 10 + 4
+    assert prompt_estimate({"prompt": "z" * 9}, "completion") == 3
+    assert prompt_estimate({"prompt": [1, 2, 3]}, "completion") == 3
+    assert prompt_estimate({"prompt": [[1, 2], "abcd"]}, "completion") == 3
+    assert prompt_estimate({"messages": "not a list"}, "chat") == 0
 
 
 def test_stream_must_be_boolean():
     with pytest.raises(InvalidRequest) as raised:
-        shape_request(chat(stream="yes"), "chat", LIMITS)
+        shape_request(chat(stream="yes"), "chat", "tiny", LIMITS)
     assert raised.value.param == "stream"
-    assert shape_request(chat(stream=True), "chat", LIMITS).body["stream"] is True
+    assert shape_request(chat(stream=True), "chat", "tiny", LIMITS).body["stream"] is True
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,249 @@
+"""Per-key rate limits that hold exactly, for the whole application.
+
+Each key has up to three limits: requests per minute and tokens per minute (token buckets that
+refill continuously and hold at most one minute's worth), and concurrent requests. One
+`RateLimiter` deployment (one replica) holds every bucket, so two ingress replicas cannot each
+admit a full minute's worth.
+
+A request reserves, at admission, one request and its worst case in tokens: the prompt estimate
+plus n x max_tokens. So concurrent and streaming requests can never push a key past its limit.
+When it ends (finished, failed or cancelled) the model server settles it with the engine's real
+count; the unused part flows back, and a prompt the estimate undercounted is charged in full. A
+reservation nobody settles (its model replica died) is charged in full after a lease, so a lost
+message never leaks a concurrency slot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from apps.config import ApiKey
+from apps.errors import GatewayError, InvalidRequest, RateLimited
+
+logger = logging.getLogger("ray.serve")
+LimitKind = Literal["requests", "tokens"]
+# A client retrying a concurrency rejection has nothing better to wait for.
+CONCURRENCY_RETRY_AFTER_S = 1.0
+
+
+class TokenBucket:
+    """`capacity` units, refilled at `capacity` per minute. The level may go below zero when a
+    settled request used more than it reserved: the key then waits that debt off."""
+
+    def __init__(self, per_minute: int, now: float) -> None:
+        self.capacity = float(per_minute)
+        self.rate_per_s = per_minute / 60.0
+        self.level = self.capacity
+        self._updated = now
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self._updated) * self.rate_per_s)
+        self._updated = now
+
+    def wait_s(self, amount: float) -> float:
+        """Seconds until `amount` is available (after `refill`); inf if it never fits."""
+        if amount > self.capacity:
+            return math.inf
+        return max(0.0, (amount - self.level) / self.rate_per_s)
+
+    def reset_s(self) -> float:
+        """Seconds until the bucket is full again (OpenAI's `x-ratelimit-reset-*`)."""
+        return (self.capacity - self.level) / self.rate_per_s
+
+    def state(self) -> LimitState:
+        return LimitState(int(self.capacity), max(0, math.floor(self.level)), self.reset_s())
+
+
+@dataclass(frozen=True)
+class LimitState:
+    """One limit as the `x-ratelimit-*` headers report it."""
+
+    limit: int
+    remaining: int
+    reset_s: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The limiter's answer to a reservation. Rejected: `kind` names the limit, and
+    `retry_after_s` is when it would admit the same request (inf: never, it is too large)."""
+
+    reservation: str | None
+    requests: LimitState | None = None
+    tokens: LimitState | None = None
+    kind: LimitKind | None = None
+    message: str = ""
+    retry_after_s: float = 0.0
+
+    @property
+    def admitted(self) -> bool:
+        return self.reservation is not None
+
+
+@dataclass
+class _KeyState:
+    requests: TokenBucket | None
+    tokens: TokenBucket | None
+    max_concurrent: int | None
+    in_flight: int = 0
+
+
+@dataclass
+class _Reservation:
+    key: _KeyState
+    tokens: int
+    expires: float
+
+
+class KeyLimits:
+    """The bookkeeping, without Ray: reserve, settle, expire. `clock` is injectable for tests."""
+
+    def __init__(
+        self, keys: Iterable[ApiKey], lease_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._clock = clock
+        self._lease_s = lease_s
+        now = clock()
+        self._keys = {
+            key.name: _KeyState(
+                requests=TokenBucket(key.requests_per_minute, now) if key.requests_per_minute else None,
+                tokens=TokenBucket(key.tokens_per_minute, now) if key.tokens_per_minute else None,
+                max_concurrent=key.max_concurrent_requests,
+            )
+            for key in keys
+        }
+        # Insertion order is expiry order: every lease is the same length.
+        self._reservations: OrderedDict[str, _Reservation] = OrderedDict()
+        self._ids = itertools.count()
+
+    def reserve(self, key_name: str, tokens: int) -> Decision:
+        """Admit one request reserving `tokens`, or say which limit refuses it and until when."""
+        now = self._clock()
+        self._expire(now)
+        state = self._keys[key_name]
+        for bucket in (state.requests, state.tokens):
+            if bucket is not None:
+                bucket.refill(now)
+        snapshot = {
+            "requests": state.requests.state() if state.requests else None,
+            "tokens": state.tokens.state() if state.tokens else None,
+        }
+        if state.max_concurrent is not None and state.in_flight >= state.max_concurrent:
+            return Decision(
+                None,
+                **snapshot,
+                kind="requests",
+                message=f"Too many concurrent requests for this key (limit {state.max_concurrent}).",
+                retry_after_s=CONCURRENCY_RETRY_AFTER_S,
+            )
+        waits: list[tuple[float, LimitKind, str]] = []
+        if state.requests is not None and state.requests.wait_s(1) > 0:
+            waits.append(
+                (state.requests.wait_s(1), "requests", f"{int(state.requests.capacity)} requests per minute")
+            )
+        if state.tokens is not None and state.tokens.wait_s(tokens) > 0:
+            waits.append(
+                (state.tokens.wait_s(tokens), "tokens", f"{int(state.tokens.capacity)} tokens per minute")
+            )
+        if waits:
+            wait_s, kind, limit = max(waits)
+            if math.isinf(wait_s):
+                message = (
+                    f"This request reserves {tokens} tokens (prompt estimate + n x max_tokens), more "
+                    f"than the key's whole limit of {limit}: lower max_tokens or n."
+                )
+            else:
+                message = f"Rate limit reached: {limit}. Retry in {wait_s:.1f}s."
+            return Decision(None, **snapshot, kind=kind, message=message, retry_after_s=wait_s)
+
+        if state.requests is not None:
+            state.requests.level -= 1
+        if state.tokens is not None:
+            state.tokens.level -= tokens
+        state.in_flight += 1
+        reservation = f"r{next(self._ids)}"
+        self._reservations[reservation] = _Reservation(state, tokens, now + self._lease_s)
+        return Decision(
+            reservation,
+            requests=state.requests.state() if state.requests else None,
+            tokens=state.tokens.state() if state.tokens else None,
+        )
+
+    def settle(self, reservation: str, used_tokens: int | None) -> None:
+        """End a reservation: refund what it did not use (None: it used all it reserved). A second
+        settle of the same reservation does nothing."""
+        now = self._clock()
+        held = self._reservations.pop(reservation, None)
+        if held is not None:
+            self._release(held, held.tokens if used_tokens is None else used_tokens, now)
+        self._expire(now)
+
+    def in_flight(self, key_name: str) -> int:
+        return self._keys[key_name].in_flight
+
+    def _release(self, held: _Reservation, used_tokens: int, now: float) -> None:
+        held.key.in_flight -= 1
+        if held.key.tokens is not None:
+            held.key.tokens.refill(now)
+            held.key.tokens.level = min(
+                held.key.tokens.capacity, held.key.tokens.level + held.tokens - used_tokens
+            )
+
+    def _expire(self, now: float) -> None:
+        while self._reservations:
+            reservation, held = next(iter(self._reservations.items()))
+            if held.expires > now:
+                return
+            del self._reservations[reservation]
+            logger.warning("Reservation %s was never settled; charged in full.", reservation)
+            self._release(held, held.tokens, now)
+
+
+class RateLimiter:
+    """The Serve deployment (one replica) that holds every key's limits for the application."""
+
+    def __init__(self, keys: list[ApiKey], lease_s: float) -> None:
+        self._limits = KeyLimits(keys, lease_s)
+
+    async def reserve(self, key_name: str, tokens: int) -> Decision:
+        return self._limits.reserve(key_name, tokens)
+
+    async def settle(self, reservation: str, used_tokens: int | None) -> None:
+        self._limits.settle(reservation, used_tokens)
+
+
+def rate_limit_error(decision: Decision) -> GatewayError:
+    """The answer to a refused reservation: 429 with `Retry-After`, or 400 for a request larger
+    than the key's whole token limit (retrying it unchanged can never succeed)."""
+    if math.isinf(decision.retry_after_s):
+        return InvalidRequest(decision.message, param="max_tokens", code="exceeds_token_limit")
+    return RateLimited(decision.message, kind=decision.kind or "requests", retry_after_s=decision.retry_after_s)
+
+
+def ratelimit_headers(decision: Decision) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for the limits a key has."""
+    headers = {}
+    for kind, state in (("requests", decision.requests), ("tokens", decision.tokens)):
+        if state is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(state.limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = str(state.remaining)
+            headers[f"x-ratelimit-reset-{kind}"] = duration(state.reset_s)
+    return headers
+
+
+def duration(seconds: float) -> str:
+    """A duration the way OpenAI writes it: `120ms`, `1.5s`, `6m0s`."""
+    ms = max(0, round(seconds * 1000))
+    if ms < 1000:
+        return f"{ms}ms"
+    if ms < 60_000:
+        return f"{ms / 1000:g}s"
+    minutes, rest_ms = divmod(ms, 60_000)
+    return f"{minutes}m{rest_ms / 1000:g}s"
