@@ -1,27 +1,37 @@
 """CPU cost of the gateway's own per-request code, in microseconds per request.
 
 Times what the ingress does to every request before handing it to a model (parse the body,
-shape it: model lookup, max_tokens default and cap) and the error path of a rejected request,
-with `time.process_time` (CPU, not wall time) over many repetitions, best of several rounds.
-Future changes (admission, routing) add their stages here so their cost stays visible.
+shape it: max_tokens default and cap, the estimate; check the API key; take and free a slot of
+the model's gate; the rate limiter's bookkeeping, here in-process) and the error path of a
+rejected request, with `time.process_time` (CPU, not wall time) over many repetitions, best of
+several rounds. The limiter's Ray round trip is not in here: docs/BENCHMARKS.md measures it end
+to end. Future changes add their stages here so their cost stays visible.
 
     python -m scripts.ingress_cost            # prints a table and the JSON
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
 
-from apps.config import RequestLimits
+from apps.admission import ModelGate, shed_depths
+from apps.auth import KeyTable, key_hash
+from apps.config import ApiKey, AuthSettings, RequestLimits
 from apps.errors import GatewayError, error_json
+from apps.rate_limits import KeyLimits
 from apps.validation import parse_body, shape_request
 from scripts.workloads import make_workload
 
 REPETITIONS = 20_000
 ROUNDS = 5
-LIMITS = {"tiny-chat": RequestLimits()}
+LIMITS = RequestLimits()
+KEY = "sk-benchmark"
+API_KEY = ApiKey(
+    name="bench", sha256=key_hash(KEY), requests_per_minute=10**9, tokens_per_minute=10**12
+)
 
 
 def cpu_us_per_call(function: Callable[[], object], repetitions: int = REPETITIONS) -> float:
@@ -40,22 +50,51 @@ def measure(repetitions: int = REPETITIONS) -> dict[str, float]:
     raw = json.dumps(chat).encode()
     too_many = json.dumps(chat | {"max_tokens": 10_000}).encode()
 
+    keys = KeyTable(AuthSettings(enabled=True, keys=[API_KEY]))
+    limits = KeyLimits([API_KEY], lease_s=3600)
+    gate = ModelGate(
+        "tiny-chat", max_in_flight=1, max_queued=1, queue_timeout_s=1, shed_depth=shed_depths(1, 0.5, 0.8)
+    )
+    loop = asyncio.new_event_loop()
+
     def accepted() -> object:
-        return shape_request(parse_body(raw), "chat", LIMITS)
+        return shape_request(parse_body(raw), "chat", "tiny-chat", LIMITS)
 
     def rejected() -> object:
         try:
-            shape_request(parse_body(too_many), "chat", LIMITS)
+            shape_request(parse_body(too_many), "chat", "tiny-chat", LIMITS)
         except GatewayError as error:
             return error_json(error)
         raise AssertionError("expected a rejection")
 
-    return {
+    def reserve_and_settle() -> None:
+        decision = limits.reserve("bench", 300)
+        limits.settle(decision.reservation, 200)
+
+    async def gate_round_trips(count: int) -> None:
+        for _ in range(count):
+            await gate.acquire("normal")
+            gate.release()
+
+    def gate_us() -> float:
+        best = float("inf")
+        for _ in range(ROUNDS):
+            start = time.process_time()
+            loop.run_until_complete(gate_round_trips(repetitions))
+            best = min(best, (time.process_time() - start) / repetitions)
+        return best * 1e6
+
+    results = {
         "request_bytes": len(raw),
         "parse_body_us": cpu_us_per_call(lambda: parse_body(raw), repetitions),
         "parse_and_shape_us": cpu_us_per_call(accepted, repetitions),
         "rejected_with_error_body_us": cpu_us_per_call(rejected, repetitions),
+        "authenticate_us": cpu_us_per_call(lambda: keys.authenticate(f"Bearer {KEY}"), repetitions),
+        "gate_acquire_release_us": gate_us(),
+        "limiter_reserve_settle_us": cpu_us_per_call(reserve_and_settle, repetitions),
     }
+    loop.close()
+    return results
 
 
 if __name__ == "__main__":
