@@ -30,6 +30,7 @@ MAX_TOKENS_FIELDS: dict[Endpoint, tuple[str, ...]] = {
 }
 
 
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # A cheap prompt-token estimate for the rate-limit reservation; the engine's real count settles it.
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4  # role markers and separators of a chat template
@@ -102,9 +103,7 @@ def shape_request(
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest(f"`stream` must be a boolean. Given: {stream!r}", param="stream")
     if endpoint == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("`messages` must be a non-empty list.", param="messages")
+        _check_messages(body.get("messages"))
     choices = _choices(body, limits.max_n)
     _check_stop(body.get("stop"), limits.max_stop_sequences)
 
@@ -148,6 +147,22 @@ def _text_chars(content: Any) -> int:
             if isinstance(part, dict) and isinstance(part.get("text"), str)
         )
     return 0
+
+
+def _check_messages(messages: Any) -> None:
+    """A non-empty list of objects with one of OpenAI's roles (vLLM would pass any role string to
+    the chat template, which renders a prompt the model was never trained on)."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("`messages` must be a non-empty list.", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"`messages[{i}]` must be an object.", param=f"messages.{i}")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise InvalidRequest(
+                f"`messages[{i}].role` must be one of {sorted(CHAT_ROLES)}. Given: {role!r}",
+                param=f"messages.{i}.role",
+            )
 
 
 def _choices(body: Mapping[str, Any], cap: int) -> int:

@@ -135,3 +135,19 @@ def test_body_must_be_a_json_object(raw):
     with pytest.raises(InvalidRequest) as raised:
         parse_body(raw)
     assert raised.value.code == "invalid_json" and raised.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([], "messages"),
+        ("hi", "messages"),
+        (["hi"], "messages.0"),
+        ([{"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}], "messages.1.role"),
+        ([{"content": "no role"}], "messages.0.role"),
+    ],
+)
+def test_messages_must_be_a_list_of_objects_with_openai_roles(messages, param):
+    with pytest.raises(InvalidRequest) as raised:
+        shape_request(chat(messages=messages), "chat", "tiny", LIMITS)
+    assert raised.value.param == param
