@@ -31,6 +31,7 @@ logger = logging.getLogger("ray.serve")
 LimitKind = Literal["requests", "tokens"]
 # A client retrying a concurrency rejection has nothing better to wait for.
 CONCURRENCY_RETRY_AFTER_S = 1.0
+FLOAT_SLACK_S = 1e-6
 
 
 class TokenBucket:
@@ -51,7 +52,9 @@ class TokenBucket:
         """Seconds until `amount` is available (after `refill`); inf if it never fits."""
         if amount > self.capacity:
             return math.inf
-        return max(0.0, (amount - self.level) / self.rate_per_s)
+        wait = (amount - self.level) / self.rate_per_s
+        # A client retrying exactly when told must not miss by a float rounding error.
+        return wait if wait > FLOAT_SLACK_S else 0.0
 
     def reset_s(self) -> float:
         """Seconds until the bucket is full again (OpenAI's `x-ratelimit-reset-*`)."""
@@ -239,11 +242,12 @@ def ratelimit_headers(decision: Decision) -> dict[str, str]:
 
 
 def duration(seconds: float) -> str:
-    """A duration the way OpenAI writes it: `120ms`, `1.5s`, `6m0s`."""
+    """A duration the way OpenAI writes it (Go's format): `120ms`, `1.5s`, `6m0s`, `1h1m0s`."""
     ms = max(0, round(seconds * 1000))
     if ms < 1000:
         return f"{ms}ms"
     if ms < 60_000:
         return f"{ms / 1000:g}s"
-    minutes, rest_ms = divmod(ms, 60_000)
-    return f"{minutes}m{rest_ms / 1000:g}s"
+    hours, rest_ms = divmod(ms, 3_600_000)
+    minutes, rest_ms = divmod(rest_ms, 60_000)
+    return (f"{hours}h" if hours else "") + f"{minutes}m{rest_ms / 1000:g}s"

@@ -1,14 +1,17 @@
 """An engine request lives exactly as long as someone waits for it: a client that disconnects
-mid-stream has its vLLM request aborted. A replica whose engine dies fails Serve's health check
-and is replaced; meanwhile its requests get 503 (never a hang, never a 500), and the service
-recovers without an operator.
+(streaming or not) has its vLLM request aborted, and so has a request that runs past its
+time-to-first-token or total timeout (answered 504, or a stream ended by an error event). A
+replica whose engine dies fails Serve's health check and is replaced; meanwhile its requests get
+503 (never a hang, never a 500), and the service recovers without an operator.
 
-Its own app (one model, a high max_tokens cap so a request outlives the abort by far), because it
-kills an engine: no other test should see that."""
+Its own app (one model, a high max_tokens cap so a request outlives the abort by far, one request
+in flight so a second one waits, short timeouts), because it kills an engine: no other test
+should see that."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 
@@ -26,6 +29,12 @@ PORT = 18200
 MODEL = "tiny-chat"
 LONG_MAX_TOKENS = 1900  # within max_model_len 2048 with a short prompt
 REQUEST = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+LONG = REQUEST | {"max_tokens": LONG_MAX_TOKENS, "ignore_eos": True}
+# Four choices with log-probabilities of LONG_MAX_TOKENS tokens each take the tiny model several
+# times this long (a test would see the request finish instead of time out).
+SLOW = LONG | {"n": 4, "logprobs": True, "top_logprobs": 5}
+REQUEST_TIMEOUT_S = 2.0
+FIRST_TOKEN_TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +43,21 @@ def gateway() -> Iterator[str]:
     args["models"] = [model for model in args["models"] if model["id"] == MODEL]
     args["models"][0]["path"] = str(ROOT / args["models"][0]["path"])
     args["models"][0]["limits"]["max_tokens_cap"] = LONG_MAX_TOKENS
+    args["models"][0]["admission"] = {
+        "max_in_flight": 1,
+        "request_timeout_s": REQUEST_TIMEOUT_S,
+        "first_token_timeout_s": FIRST_TOKEN_TIMEOUT_S,
+    }
     ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         serve.run(build_app(args), name="llm", route_prefix="/")
-        yield f"http://127.0.0.1:{PORT}"
+        # A fresh engine's first request with log-probabilities takes ~2 s (its sampler path
+        # warms up); the timeouts here are meant for warm engines.
+        url = f"http://127.0.0.1:{PORT}"
+        warm_up = REQUEST | {"logprobs": True, "top_logprobs": 5}
+        assert httpx.post(f"{url}/v1/chat/completions", json=warm_up, timeout=60).status_code == 200
+        yield url
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -71,6 +90,63 @@ def test_client_disconnect_aborts_the_engine_request(gateway):
     assert abort_s < natural_s / 3, f"abort {abort_s:.2f}s vs natural end {natural_s:.2f}s"
 
 
+def test_non_streaming_client_that_leaves_has_its_engine_request_aborted(gateway):
+    engine = model_handle()
+    assert engine.load.remote().result() == 0, "engine busy before the test"
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway}/v1/chat/completions", json=LONG, timeout=1.0)
+    left = time.monotonic()
+    wait_until_idle(engine, since=left)
+    assert time.monotonic() - left < 1.5, "engine request outlived its client"
+
+
+def test_request_past_its_total_timeout_is_aborted_and_answered_504(gateway):
+    engine = model_handle()
+    started = time.monotonic()
+    response = httpx.post(f"{gateway}/v1/chat/completions", json=SLOW, timeout=60)
+    answered_s = time.monotonic() - started
+    assert response.status_code == 504, response.text[:300]
+    assert response.json()["error"]["code"] == "timeout"
+    assert REQUEST_TIMEOUT_S <= answered_s < REQUEST_TIMEOUT_S + 1.5, answered_s
+    wait_until_idle(engine, since=time.monotonic())
+
+
+def test_stream_past_its_total_timeout_ends_with_a_timeout_event(gateway):
+    engine = model_handle()
+    body = LONG | {"stream": True}
+    response = httpx.post(f"{gateway}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200
+    events = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    assert json.loads(events[-2])["error"]["code"] == "timeout", events[-2]
+    tokens = sum(len(json.loads(e)["choices"][0]["delta"].get("content") or "") > 0 for e in events[:-2])
+    assert tokens < LONG_MAX_TOKENS, "the stream ran to its end: the timeout never fired"
+    wait_until_idle(engine, since=time.monotonic())
+
+
+def test_request_waiting_past_its_first_token_timeout_gets_504(gateway):
+    engine = model_handle()
+    # The one slot is taken by a long request; a stream queued behind it cannot start in time.
+    holder = threading.Thread(
+        target=httpx.post,
+        args=(f"{gateway}/v1/chat/completions",),
+        kwargs={"json": LONG, "timeout": 60},
+    )
+    holder.start()
+    while engine.load.remote().result() == 0:
+        time.sleep(0.02)
+    started = time.monotonic()
+    waiting = httpx.post(
+        f"{gateway}/v1/chat/completions", json=REQUEST | {"stream": True}, timeout=60
+    )
+    waited_s = time.monotonic() - started
+    holder.join()
+    assert waiting.status_code == 504, waiting.text
+    assert waiting.json()["error"]["code"] == "timeout"
+    assert FIRST_TOKEN_TIMEOUT_S <= waited_s < FIRST_TOKEN_TIMEOUT_S + 1.0, waited_s
+    wait_until_idle(engine, since=time.monotonic())
+
+
 def test_replica_whose_engine_dies_is_replaced(gateway):
     actor_class = f"ServeReplica:llm:{deployment_name(MODEL)}"
     before = alive_actor_ids(actor_class)
@@ -90,17 +166,29 @@ def test_replica_whose_engine_dies_is_replaced(gateway):
         statuses.append(response.status_code)
         if response.status_code != 200:
             error = response.json()["error"]
-            assert response.status_code == 503, f"{response.status_code}: {error}"
-            assert error["code"] in {"engine_unavailable", "overloaded"}, error
+            # 503 when Serve knows the replica is gone; 504 when the request waited for a
+            # replacement past its timeout.
+            assert response.status_code in (503, 504), f"{response.status_code}: {error}"
+            assert error["code"] in {"engine_unavailable", "overloaded", "timeout"}, error
         after = alive_actor_ids(actor_class)
         if response.status_code == 200 and after and after != before:
             break
         time.sleep(1)
     else:
         pytest.fail(f"replica not replaced in time; statuses seen: {statuses}")
-    assert 503 in statuses, "requests to the dead engine should have been answered 503"
+    assert {503, 504} & set(statuses), "requests to the dead engine should have failed fast"
     health = httpx.get(f"{gateway}/health", timeout=10)
     assert health.status_code == 200, health.text
+
+
+def model_handle():
+    return serve.get_deployment_handle(deployment_name(MODEL), app_name="llm")
+
+
+def wait_until_idle(engine, since: float, limit_s: float = 30) -> None:
+    while engine.load.remote().result() != 0:
+        assert time.monotonic() - since < limit_s, "engine request never ended"
+        time.sleep(0.02)
 
 
 def alive_actor_ids(class_name: str) -> set[str]:
