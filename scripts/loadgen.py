@@ -113,6 +113,7 @@ async def run_load(
     seed: int = 0,
     timeout_s: float = 300.0,
     progress: bool = False,
+    api_key: str | None = None,
 ) -> tuple[list[RequestResult], float]:
     """Send `specs` with the given arrivals and concurrency cap; results and wall time."""
     gaps = arrival_gaps(len(specs), rate, burstiness, random.Random(seed))
@@ -120,7 +121,8 @@ async def run_load(
     bar = _progress(len(specs)) if progress else None
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits, headers=headers) as client:
 
         async def one(spec: RequestSpec) -> RequestResult:
             async with limit:
@@ -217,8 +219,12 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Run the whole benchmark the CLI describes; the JSON report."""
     urls = [args.url] + ([args.compare] if args.compare else [])
     models = [args.model, args.compare_model or args.model]
-    # One label per endpoint, "URL model": A and B may be two models behind one gateway.
+    keys = [args.api_key, args.compare_api_key or args.api_key]
+    # One label per endpoint, "URL model": A and B may be two models behind one gateway, or one
+    # model called with two keys.
     labels = [f"{url} {model}" for url, model in zip(urls, models)]
+    if len(labels) == 2 and labels[0] == labels[1]:
+        labels = [f"{labels[0]} [A]", f"{labels[1]} [B]"]
     specs = make_workload(
         args.workload,
         args.num_requests,
@@ -230,8 +236,10 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.warmup:
         warm = make_workload(args.workload, args.warmup, seed=args.seed + 1, input_len=args.input_len, output_len=8)
-        for url, model in zip(urls, models):
-            await run_load(url, model, warm, rate=math.inf, concurrency=min(args.concurrency, args.warmup))
+        for url, model, key in zip(urls, models, keys):
+            await run_load(
+                url, model, warm, rate=math.inf, concurrency=min(args.concurrency, args.warmup), api_key=key
+            )
 
     runs = []
     for rate in args.rates:
@@ -248,6 +256,7 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 results, seconds = await run_load(
                     urls[i], models[i], part, rate=rate, concurrency=args.concurrency,
                     burstiness=args.burstiness, seed=args.seed + round_index, progress=args.progress,
+                    api_key=keys[i],
                 )
                 per_endpoint[i].append(results)
                 elapsed[i] += seconds
@@ -324,6 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True)
     parser.add_argument("--compare", help="endpoint B: same workload, interleaved, ratios B/A")
     parser.add_argument("--compare-model", help="model id at endpoint B (default: --model)")
+    parser.add_argument("--api-key", help="sent as `Authorization: Bearer KEY` to endpoint A")
+    parser.add_argument("--compare-api-key", help="key for endpoint B (default: --api-key)")
     parser.add_argument("--workload", choices=WORKLOADS, default="random")
     parser.add_argument("--num-requests", type=int, default=100)
     parser.add_argument("--input-len", type=int, default=128, help="prompt length in words")

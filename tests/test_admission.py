@@ -37,6 +37,7 @@ KEY_LIMITS = {
     "rpm12": {"requests_per_minute": 12},
     "tpm1000": {"tokens_per_minute": 1000},
     "tpm300": {"tokens_per_minute": 300},
+    "tpm2000": {"tokens_per_minute": 2000},
     "two-at-once": {"max_concurrent_requests": 2},
     "burst": {"requests_per_minute": 100},
     "low": {"priority": "low"},
@@ -176,6 +177,29 @@ def test_refund_after_a_short_completion_lets_the_next_request_in(gateway):
     remaining = int(second.headers["x-ratelimit-remaining-tokens"])
     used_first = first.json()["usage"]["total_tokens"]
     assert remaining <= 300 - used_first - 200 + 5, (remaining, used_first)
+
+
+def test_a_stream_the_client_leaves_is_charged_only_what_it_generated(gateway):
+    body = chat(max_tokens=500, stream=True, ignore_eos=True)
+    with httpx.stream("POST", CHAT, json=body, headers=auth("tpm2000"), timeout=60) as response:
+        assert response.status_code == 200
+        assert int(response.headers["x-ratelimit-remaining-tokens"]) < 2000 - 500
+        lines = response.iter_lines()  # held: dropping it would disconnect too early
+        events = 0
+        for line in lines:
+            events += line.startswith("data: {")
+            if events >= 5:
+                break
+    # The model server settles the cancelled request with the engine's real count: a few dozen
+    # tokens at most, so nearly all of the 500 reserved comes back.
+    deadline = time.monotonic() + 5
+    while True:
+        probe = httpx.post(CHAT, json=chat(max_tokens=1), headers=auth("tpm2000"), timeout=30)
+        remaining = int(probe.headers["x-ratelimit-remaining-tokens"])
+        if remaining > 2000 - 150 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert remaining > 2000 - 150, remaining
 
 
 def test_retry_after_is_within_twenty_percent_of_the_real_wait(gateway):
