@@ -115,6 +115,7 @@ class Ingress:
         caller = self._keys.authenticate(request.headers.get("authorization"))
         visible = [model for model in self._model_list if caller.may_use(model["id"])]
         return JSONResponse({"object": "list", "data": visible})
+
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._forward(request, "chat")
@@ -241,4 +242,3 @@ class Ingress:
             asyncio.get_running_loop().call_later(
                 BACKSTOP_SETTLE_DELAY_S, self._settle, reservation, None
             )
-

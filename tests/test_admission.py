@@ -233,10 +233,16 @@ def test_concurrency_limit_refuses_the_third_request_at_once(gateway):
 
 def test_burst_of_200_gets_only_200_429_or_503_with_their_headers(gateway):
     body = chat("tiny-queue", max_tokens=8, ignore_eos=True)
+    started = time.monotonic()
     responses = asyncio.run(post_many([(body, "burst")] * 200))
-    statuses = {r.status_code for r in responses}
-    assert statuses <= {200, 429, 503} and {200, 429, 503} <= statuses | {503}, statuses
-    assert [r.status_code for r in responses].count(200) >= 4
+    refilled = 100 / 60 * (time.monotonic() - started)
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429, 503}, statuses
+    # 100 requests per minute: half the burst is refused by the key's limit (less what refilled
+    # meanwhile), and the queue (2 in flight + 8 waiting per ingress replica) admits only part
+    # of the rest.
+    assert 100 - refilled - 1 <= statuses.count(429) <= 100, statuses
+    assert statuses.count(200) >= 4, statuses
     for response in responses:
         assert all(name in response.headers for name in RATE_LIMIT_HEADERS[:3]), response.headers
         if response.status_code == 200:
