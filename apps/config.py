@@ -318,6 +318,39 @@ class AdmissionSettings(StrictModel):
         return self
 
 
+class ChatMessage(StrictModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+
+class WarmupPrompt(StrictModel):
+    """One hot prompt: chat messages (rendered with the model's template) or raw text."""
+
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    prompt: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> WarmupPrompt:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give either `messages` or `prompt`.")
+        return self
+
+
+class WarmupSettings(StrictModel):
+    """Requests each replica runs through its own engine before it reports ready, so Serve sends
+    it no traffic while it is cold: the hot prompts land in the prefix cache, and the engine's
+    first-request costs are paid here, not by a client."""
+
+    enabled: bool = Field(
+        default=True, description="False skips warm-up entirely (the built-in request too)."
+    )
+    prompts: list[WarmupPrompt] = Field(
+        default_factory=list,
+        description="Hot prompts: stable system prompts and templates clients will send.",
+    )
+    repeat: int = Field(default=3, ge=1, le=100, description="Times each prompt is run.")
+
+
 class ModelConfig(StrictModel):
     """One served model: one Serve deployment of vLLM engine replicas."""
 
@@ -335,6 +368,9 @@ class ModelConfig(StrictModel):
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Request shaping.")
     admission: AdmissionSettings = Field(
         default_factory=AdmissionSettings, description="In-flight bound, wait queue, deadlines."
+    )
+    warmup: WarmupSettings = Field(
+        default_factory=WarmupSettings, description="Hot prompts run before the replica is ready."
     )
 
     @field_validator("path")

@@ -17,6 +17,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -45,6 +46,7 @@ from apps.streaming import (
 )
 from apps.usage import MeteredEngine, Usage, start_usage
 from apps.validation import Endpoint
+from apps.warmup import warm_up
 
 logger = logging.getLogger("ray.serve")
 # OpenAI request fields vLLM does not know but that change nothing in the answer (bookkeeping for
@@ -99,7 +101,10 @@ class ModelServer:
             usage_context=UsageContext.OPENAI_API_SERVER,
         )
         state = State()
-        frontend = argparse.Namespace(**(vars(FrontendArgs()) | vars(args)))
+        # Usage reports prefix-cache hits (`prompt_tokens_details.cached_tokens`), as OpenAI's does.
+        frontend = argparse.Namespace(
+            **(vars(FrontendArgs()) | vars(args) | {"enable_prompt_tokens_details": True})
+        )
         await init_app_state(
             MeteredEngine(self._engine, model.id, model.limits.max_prompt_tokens),
             state,
@@ -111,6 +116,8 @@ class ModelServer:
             "chat": ChatCompletionRequest,
             "completion": CompletionRequest,
         }
+        await warm_up(model, self._serving, self._request_types)
+        self._first_request_logged = False
         logger.info("Model %s ready: %s", model.id, placement)
 
     async def generate(
@@ -120,8 +127,17 @@ class ModelServer:
         `reservation`: the rate limiter's, settled here with the tokens really used."""
         usage = start_usage()
         settle = _Settlement(self._limiter, reservation, usage)
+        started = time.monotonic()
         try:
             async for item in self._respond(endpoint, body, settle):
+                if not self._first_request_logged:
+                    # With warm-up this shows what a replica's first client really waited.
+                    self._first_request_logged = True
+                    logger.info(
+                        "Model %s: first client request's first bytes after %.0f ms.",
+                        self._model.id,
+                        (time.monotonic() - started) * 1000,
+                    )
                 yield item
         finally:
             settle.now()  # failed or cancelled: no waiting on the limiter
@@ -212,6 +228,10 @@ class ModelServer:
     async def load(self) -> int:
         """Requests this replica's engine holds (running or waiting)."""
         return self._engine.get_num_unfinished_requests()
+
+    async def block_size(self) -> int:
+        """The KV cache's block size: prefix-cache hits come in whole blocks of it."""
+        return self._engine.vllm_config.cache_config.block_size
 
     async def check_health(self) -> None:
         """Serve's periodic health check: raises when the engine has died."""

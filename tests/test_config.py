@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from apps.config import ConfigError, load_config
-from tests.conftest import app_args
+from tests.conftest import CONFIGS, ROOT, app_args
 
 
 def one_model(path: str, **fields: Any) -> dict[str, Any]:
@@ -84,6 +84,17 @@ def test_embedded_default_config_is_valid():
     config = load_config(app_args("app.yaml"))
     tp = {m.id: m.parallelism.tensor_parallel_size for m in config.models}
     assert tp == {"tiny-chat": 1, "tiny-chat-tp2": 2}
+
+
+@pytest.mark.parametrize(
+    "config_file", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "gpu.yaml")
+)
+def test_every_cpu_config_is_valid(config_file):
+    # Model paths in configs are relative to the project root, where `serve run` starts.
+    args = app_args(config_file)
+    for model in args["models"]:
+        model["path"] = str(ROOT / model["path"])
+    assert load_config(args).models
 
 
 def test_gpu_config_is_valid_for_a_gpu_cluster():

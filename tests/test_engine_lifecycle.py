@@ -52,11 +52,12 @@ def gateway() -> Iterator[str]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         serve.run(build_app(args), name="llm", route_prefix="/")
-        # A fresh engine's first request with log-probabilities takes ~2 s (its sampler path
-        # warms up); the timeouts here are meant for warm engines.
+        # A cold engine's first request with log-probabilities takes ~2 s, past the timeout
+        # here; the replica's warm-up must have paid that already.
         url = f"http://127.0.0.1:{PORT}"
-        warm_up = REQUEST | {"logprobs": True, "top_logprobs": 5}
-        assert httpx.post(f"{url}/v1/chat/completions", json=warm_up, timeout=60).status_code == 200
+        first = REQUEST | {"logprobs": True, "top_logprobs": 5}
+        response = httpx.post(f"{url}/v1/chat/completions", json=first, timeout=60)
+        assert response.status_code == 200, f"first request after warm-up: {response.text}"
         yield url
     finally:
         serve.shutdown()

@@ -68,6 +68,29 @@ def test_health_is_ok_when_every_model_has_a_ready_replica(gateway):
     assert response.json()["models"] == MODELS
 
 
+def test_a_warm_prompt_prefix_is_served_from_the_prefix_cache(client):
+    """configs/app.yaml warms tiny-chat with a system prompt before the replica is ready, so the
+    first client request that shares it finds its full blocks cached; an unseen one does not."""
+    (tiny,) = [model for model in app_args("app.yaml")["models"] if model["id"] == "tiny-chat"]
+    system = tiny["warmup"]["prompts"][0]["messages"][0]["content"]
+    unseen = system.upper()  # same length, no shared block
+    block = serve.get_deployment_handle(deployment_name("tiny-chat"), app_name="llm").block_size.remote().result()
+    question = {"role": "user", "content": "Where is my order?"}
+
+    def cached_and_prompt_tokens(messages):
+        usage = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=1).usage
+        return usage.prompt_tokens_details.cached_tokens, usage.prompt_tokens
+
+    warm_cached, _ = cached_and_prompt_tokens([{"role": "system", "content": system}, question])
+    cold_cached, _ = cached_and_prompt_tokens([{"role": "system", "content": unseen}, question])
+    # The warm-up prompt itself: the system prompt plus the few tokens that open the answer.
+    _, warm_prompt_tokens = cached_and_prompt_tokens([{"role": "system", "content": system}])
+    shared_full_blocks = (warm_prompt_tokens - 8) // block * block
+    assert shared_full_blocks > 0, (warm_prompt_tokens, block)
+    assert warm_cached >= shared_full_blocks, (warm_cached, shared_full_blocks, block)
+    assert cold_cached < block, cold_cached
+
+
 def test_models_lists_the_served_ids(client):
     assert [model.id for model in client.models.list().data] == MODELS
 
