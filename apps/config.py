@@ -237,9 +237,8 @@ class RequestLimits(StrictModel):
         default=None,
         ge=1,
         description=(
-            "Longest prompt in tokens; longer is rejected with 400. The ingress rejects prompts "
-            "that surely exceed it from their length in characters; the model server checks the "
-            "exact token count before the engine sees the request."
+            "Longest prompt in tokens; longer is rejected with 400. The model server checks the "
+            "exact token count (after the chat template) before the engine sees the request."
         ),
     )
     max_n: int = Field(default=4, ge=1, le=128, description="Largest `n`: choices per request.")

@@ -14,7 +14,8 @@ A request's way through `_forward`:
 
 The status is known before the first byte (the model server's `ResponseHead`); after it, body
 bytes are relayed as they come, never parsed. Every error is OpenAI's error object, and every
-answer to a rate-limited key carries its `x-ratelimit-*` headers.
+answer to a rate-limited key from the reservation on (admitted, or refused with 429) carries
+its `x-ratelimit-*` headers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
@@ -44,7 +46,7 @@ from apps.errors import (
     model_call_error,
     never_reached_model,
 )
-from apps.rate_limits import rate_limit_error, ratelimit_headers
+from apps.rate_limits import Settler, rate_limit_error, ratelimit_headers
 from apps.streaming import SSE_MEDIA_TYPE, RelayResponse, ResponseHead
 from apps.validation import (
     Endpoint,
@@ -59,6 +61,9 @@ logger = logging.getLogger("ray.serve")
 # After a model call ends abnormally at the ingress, the model server's own settle (with the real
 # token count) normally lands within milliseconds; this fallback only matters if it never does.
 BACKSTOP_SETTLE_DELAY_S = 5.0
+# A reservation call that takes longer means the limiter is down or restarting: 503, not a hang.
+LIMITER_TIMEOUT_S = 5.0
+LATE_UNDO_DELAY_S = 1.0
 
 app = FastAPI(title="LLM gateway", description="OpenAI-compatible API over vLLM engines.")
 
@@ -93,6 +98,7 @@ class Ingress:
     ) -> None:
         self._keys = KeyTable(config.auth)
         self._limiter = limiter
+        self._settler = Settler(limiter)
         self._max_body_bytes = config.ingress.max_body_bytes
         self._models = dict(models)
         self._routes = {
@@ -165,9 +171,16 @@ class Ingress:
 
     async def _reserve(self, caller: Caller, shaped: ShapedRequest, headers: dict[str, str]) -> str:
         """The caller's reservation in the shared limiter; adds its `x-ratelimit-*` headers."""
+        reservation = uuid.uuid4().hex
+        call = self._limiter.reserve.remote(caller.name, shaped.reserved_tokens, reservation)
         try:
-            decision = await self._limiter.reserve.remote(caller.name, shaped.reserved_tokens)
-        except Exception as exc:
+            decision = await asyncio.wait_for(call, LIMITER_TIMEOUT_S)
+        except BaseException as exc:
+            # The limiter may have made the reservation without our hearing of it: undo it,
+            # a little later so the undo cannot overtake the reservation.
+            self._settler.settle(reservation, 0, delay_s=LATE_UNDO_DELAY_S)
+            if not isinstance(exc, Exception):
+                raise
             logger.error("Rate limiter call failed: %r", exc)
             raise EngineUnavailable(
                 "The rate limiter is unavailable; retry later.", code="limiter_unavailable"
@@ -195,13 +208,13 @@ class Ingress:
         except BaseException:
             self._settle(reservation, used_tokens=0)  # never reached an engine
             raise
-        stream: DeploymentResponseGenerator = route.stream.generate.remote(
-            endpoint, shaped.body, reservation
-        )
+        stream: DeploymentResponseGenerator | None = None
         try:
+            stream = route.stream.generate.remote(endpoint, shaped.body, reservation)
             head: ResponseHead = await until(anext(stream), head_due)
         except BaseException as exc:
-            stream.cancel()
+            if stream is not None:
+                stream.cancel()
             route.gate.release()
             self._settle_unless_model_did(reservation, exc)
             if isinstance(exc, TimeoutError):
@@ -222,12 +235,18 @@ class Ingress:
             shaped.model_id,
             headers=headers,
             deadline=total_due,
-            on_close=route.gate.release,
+            on_close=lambda finished: self._stream_closed(route, reservation, finished),
         )
+
+    def _stream_closed(self, route: ModelRoute, reservation: str | None, finished: bool) -> None:
+        route.gate.release()
+        if not finished and reservation is not None:
+            # Cut short: the model server settles with the real count, unless its replica died.
+            self._settler.settle(reservation, None, delay_s=BACKSTOP_SETTLE_DELAY_S)
 
     def _settle(self, reservation: str | None, used_tokens: int | None) -> None:
         if reservation is not None:
-            self._limiter.settle.remote(reservation, used_tokens)
+            self._settler.settle(reservation, used_tokens)
 
     def _settle_unless_model_did(self, reservation: str | None, exc: BaseException) -> None:
         """A model call that ended at the ingress (cancelled, timed out, failed): the model server
@@ -237,8 +256,6 @@ class Ingress:
         if reservation is None:
             return
         if never_reached_model(exc):
-            self._settle(reservation, used_tokens=0)
+            self._settler.settle(reservation, 0)
         else:
-            asyncio.get_running_loop().call_later(
-                BACKSTOP_SETTLE_DELAY_S, self._settle, reservation, None
-            )
+            self._settler.settle(reservation, None, delay_s=BACKSTOP_SETTLE_DELAY_S)

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve.handle import DeploymentHandle
 
 from apps.config import ModelConfig
 from apps.engine_args import engine_args
@@ -36,6 +36,7 @@ from apps.errors import (
     error_event,
 )
 from apps.placement import omp_threads_bind, placement_for
+from apps.rate_limits import Settler
 from apps.streaming import (
     SSE_MEDIA_TYPE,
     ResponseHead,
@@ -57,7 +58,7 @@ IGNORED_OPENAI_FIELDS = frozenset(
 )
 # The last event of every vLLM stream.
 DONE_EVENT = b"data: [DONE]\n\n"
-# A settle that cannot reach the limiter this fast is left to finish on its own.
+# The answer waits at most this long for its settle to reach the limiter.
 SETTLE_WAIT_S = 2.0
 
 
@@ -79,7 +80,7 @@ class ModelServer:
         from vllm.v1.executor.abstract import Executor
 
         self._model = model
-        self._limiter = limiter
+        self._settler = Settler(limiter) if limiter is not None else None
         placement = placement_for(model.parallelism)
         if model.parallelism.accelerator == "cpu":
             # Read by vLLM when it starts the workers, so set before the engine exists.
@@ -126,7 +127,7 @@ class ModelServer:
         """Run one OpenAI request; yields a `ResponseHead`, then (streams only) SSE bytes.
         `reservation`: the rate limiter's, settled here with the tokens really used."""
         usage = start_usage()
-        settle = _Settlement(self._limiter, reservation, usage)
+        settle = _Settlement(self._settler, reservation, usage)
         started = time.monotonic()
         try:
             async for item in self._respond(endpoint, body, settle):
@@ -246,30 +247,28 @@ class ModelServer:
 class _Settlement:
     """Settles one reservation with the limiter, exactly once."""
 
-    def __init__(self, limiter: DeploymentHandle | None, reservation: str | None, usage: Usage) -> None:
-        self._limiter = limiter
+    def __init__(self, settler: Settler | None, reservation: str | None, usage: Usage) -> None:
+        self._settler = settler
         self._reservation = reservation
         self._usage = usage
-        self._done = limiter is None or reservation is None
+        self._done = settler is None or reservation is None
 
     async def wait(self) -> None:
-        """Settle and wait for the limiter to have it (bounded: never holds up the answer long)."""
-        response = self._send()
-        if response is not None:
-            try:
-                await asyncio.wait_for(response, SETTLE_WAIT_S)
-            except Exception as exc:
-                logger.warning("Settling reservation %s failed: %r", self._reservation, exc)
+        """Settle and wait for the limiter to have it (bounded: never holds up the answer long;
+        the settle itself goes on regardless)."""
+        task = self._send()
+        if task is not None:
+            await asyncio.wait({task}, timeout=SETTLE_WAIT_S)
 
     def now(self) -> None:
         """Settle without waiting."""
         self._send()
 
-    def _send(self) -> DeploymentResponse | None:
+    def _send(self) -> asyncio.Task[None] | None:
         if self._done:
             return None
         self._done = True
-        return self._limiter.settle.remote(self._reservation, self._usage.total_tokens)
+        return self._settler.settle(self._reservation, self._usage.settled_tokens())
 
 
 def _known_fields(body: dict[str, Any], request_type: type[BaseModel]) -> dict[str, Any]:

@@ -8,21 +8,24 @@ admit a full minute's worth.
 A request reserves, at admission, one request and its worst case in tokens: the prompt estimate
 plus n x max_tokens. So concurrent and streaming requests can never push a key past its limit.
 When it ends (finished, failed or cancelled) the model server settles it with the engine's real
-count; the unused part flows back, and a prompt the estimate undercounted is charged in full. A
+count; the unused part flows back, and a prompt the estimate undercounted is charged in full
+(a non-streaming request cut short has no count yet: it is charged all it reserved). A
 reservation nobody settles (its model replica died) is charged in full after a lease, so a lost
 message never leaks a concurrency slot.
 """
 
 from __future__ import annotations
 
-import itertools
+import asyncio
+import contextvars
 import logging
 import math
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from apps.config import ApiKey
 from apps.errors import GatewayError, InvalidRequest, RateLimited
@@ -124,10 +127,11 @@ class KeyLimits:
         }
         # Insertion order is expiry order: every lease is the same length.
         self._reservations: OrderedDict[str, _Reservation] = OrderedDict()
-        self._ids = itertools.count()
 
-    def reserve(self, key_name: str, tokens: int) -> Decision:
-        """Admit one request reserving `tokens`, or say which limit refuses it and until when."""
+    def reserve(self, key_name: str, tokens: int, reservation: str | None = None) -> Decision:
+        """Admit one request reserving `tokens`, or say which limit refuses it and until when.
+        `reservation` is the caller's unique id for it (the ingress makes one, so it can settle
+        a reservation whose answer it never received); None: a fresh one."""
         now = self._clock()
         self._expire(now)
         state = self._keys[key_name]
@@ -171,7 +175,7 @@ class KeyLimits:
         if state.tokens is not None:
             state.tokens.level -= tokens
         state.in_flight += 1
-        reservation = f"r{next(self._ids)}"
+        reservation = reservation or uuid.uuid4().hex
         self._reservations[reservation] = _Reservation(state, tokens, now + self._lease_s)
         return Decision(
             reservation,
@@ -215,11 +219,41 @@ class RateLimiter:
     def __init__(self, keys: list[ApiKey], lease_s: float) -> None:
         self._limits = KeyLimits(keys, lease_s)
 
-    async def reserve(self, key_name: str, tokens: int) -> Decision:
-        return self._limits.reserve(key_name, tokens)
+    async def reserve(self, key_name: str, tokens: int, reservation: str) -> Decision:
+        return self._limits.reserve(key_name, tokens, reservation)
 
     async def settle(self, reservation: str, used_tokens: int | None) -> None:
         self._limits.settle(reservation, used_tokens)
+
+
+class Settler:
+    """Sends settles to the limiter from tasks outside any request's context.
+
+    Serve cancels the calls a request has made but not yet delivered when that request is
+    cancelled (a client leaving), and a settle made on the way out is exactly such a call. A task
+    started with an empty context belongs to no request, so its settle always goes out.
+    """
+
+    def __init__(self, limiter: Any) -> None:
+        self._limiter = limiter
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def settle(self, reservation: str, used_tokens: int | None, delay_s: float = 0.0) -> asyncio.Task[None]:
+        """Settle in the background (after `delay_s`); the task, for callers that want to wait."""
+        task = asyncio.get_running_loop().create_task(
+            self._send(reservation, used_tokens, delay_s), context=contextvars.Context()
+        )
+        self._tasks.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _send(self, reservation: str, used_tokens: int | None, delay_s: float) -> None:
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        try:
+            await self._limiter.settle.remote(reservation, used_tokens)
+        except Exception as exc:  # the lease still ends the reservation
+            logger.warning("Settling reservation %s failed: %r", reservation, exc)
 
 
 def rate_limit_error(decision: Decision) -> GatewayError:

@@ -134,9 +134,9 @@ class RelayResponse(StreamingResponse):
 
     However the response ends (client gone, Starlette cancelling the sending task before the
     body iterator ever ran, an error, the deadline), the model call is cancelled unless it
-    finished, which aborts the engine request, and `on_close` runs once. A failure or the deadline
-    after the headers went out ends the stream with an error event. The deadline is one timer,
-    not a check per chunk.
+    finished, which aborts the engine request, and `on_close(completed)` runs once (completed:
+    the model's stream ended without error). A failure or the deadline after the headers went
+    out ends the stream with an error event. The deadline is one timer, not a check per chunk.
     """
 
     def __init__(
@@ -147,7 +147,7 @@ class RelayResponse(StreamingResponse):
         *,
         headers: Mapping[str, str],
         deadline: float | None,
-        on_close: Callable[[], None],
+        on_close: Callable[[bool], None],
     ) -> None:
         super().__init__(
             self._relay(first), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS | dict(headers)
@@ -156,7 +156,8 @@ class RelayResponse(StreamingResponse):
         self._model_id = model_id
         self._deadline = deadline
         self._on_close = on_close
-        self._finished = False
+        self._finished = False  # the model's stream ended (cleanly or not): nothing to cancel
+        self._failed = False
         self._timed_out = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -170,7 +171,7 @@ class RelayResponse(StreamingResponse):
                 timer.cancel()
             if not self._finished:
                 self._stream.cancel()
-            self._on_close()
+            self._on_close(self._finished and not self._failed)
 
     def _expire(self) -> None:
         if not self._finished:
@@ -183,6 +184,7 @@ class RelayResponse(StreamingResponse):
             async for chunk in self._stream:
                 yield chunk
         except Exception as exc:
+            self._failed = True
             if self._timed_out:
                 yield error_event(
                     DeadlineExceeded(f"The request to model {self._model_id} ran past its timeout.")

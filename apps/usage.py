@@ -4,8 +4,10 @@ vLLM's OpenAI layer reports usage only in its answer, which a client who disconn
 and a stream carries only when asked. The rate limiter needs the truth in every case, so the
 model server hands vLLM's serving layer a `MeteredEngine`: the same engine, whose `generate` also
 counts the prompt and every generated token into the `Usage` of the request being served (a
-context variable: each request runs in its own task). The count is exact however the request
-ends, because it grows as the tokens come out.
+context variable: each request runs in its own task). A streamed request's count grows as its
+tokens come out, so it is exact however the request ends. A non-streaming request's tokens come
+out only at its end (vLLM's FINAL_ONLY output): cut short, its count is unknown, and it is
+settled as using all it reserved.
 
 The prompt cap is checked there as well: on the real token count, after the chat template, before
 the engine sees the request.
@@ -25,10 +27,17 @@ class Usage:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # Engine calls whose outputs arrive only when they finish, and have not: tokens unknown.
+    unfinished_final_only: int = 0
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    def settled_tokens(self) -> int | None:
+        """What to settle the request's reservation with: its tokens, or None (all it reserved)
+        when some of them are unknown."""
+        return None if self.unfinished_final_only else self.total_tokens
 
 
 _current_usage: ContextVar[Usage | None] = ContextVar("current_usage", default=None)
@@ -72,6 +81,8 @@ class MeteredEngine:
             return outputs
         usage.prompt_tokens += prompt_tokens
         delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
+        if not delta:
+            usage.unfinished_final_only += 1
         return _counted(outputs, usage, delta)
 
 
@@ -84,6 +95,8 @@ async def _counted(outputs: AsyncIterator[Any], usage: Usage, delta: bool) -> As
             now = before + len(choice.token_ids) if delta else len(choice.token_ids)
             seen[choice.index] = now
             usage.completion_tokens += now - before
+        if output.finished and not delta:
+            usage.unfinished_final_only -= 1
         yield output
 
 

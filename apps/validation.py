@@ -104,6 +104,12 @@ def shape_request(
         raise InvalidRequest(f"`stream` must be a boolean. Given: {stream!r}", param="stream")
     if endpoint == "chat":
         _check_messages(body.get("messages"))
+    if body.get("use_beam_search"):
+        # vLLM's beam search runs one engine request per step: neither the token accounting nor
+        # the prompt cap can follow it.
+        raise InvalidRequest(
+            "Beam search is not supported here.", param="use_beam_search", code="unsupported_parameter"
+        )
     choices = _choices(body, limits.max_n)
     _check_stop(body.get("stop"), limits.max_stop_sequences)
 
@@ -112,8 +118,22 @@ def shape_request(
     for field in MAX_TOKENS_FIELDS[endpoint]:
         shaped.pop(field, None)
     shaped["max_tokens"] = max_tokens
-    reserved = prompt_estimate(body, endpoint) + choices * max_tokens
+    reserved = prompt_estimate(body, endpoint) + _prompt_count(body, endpoint) * choices * max_tokens
     return ShapedRequest(model_id, shaped, max_tokens, clamped, reserved)
+
+
+def _prompt_count(body: Mapping[str, Any], endpoint: Endpoint) -> int:
+    """Prompts in one request: a completion may batch several, each with its own n choices."""
+    if endpoint == "chat":
+        return 1
+    return len(_prompts(body.get("prompt")))
+
+
+def _prompts(prompt: Any) -> list[Any]:
+    """A completion's prompts: a string or token-id list is one; a list of them is several."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return prompt
+    return [prompt]
 
 
 def prompt_estimate(body: Mapping[str, Any], endpoint: Endpoint) -> int:
@@ -125,10 +145,8 @@ def prompt_estimate(body: Mapping[str, Any], endpoint: Endpoint) -> int:
             return 0
         chars = sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict))
         return math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages)
-    prompt = body.get("prompt")
-    prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
     total = 0
-    for item in prompts:
+    for item in _prompts(body.get("prompt")):
         if isinstance(item, str):
             total += math.ceil(len(item) / CHARS_PER_TOKEN)
         elif isinstance(item, list):  # token ids

@@ -68,6 +68,9 @@ def gateway() -> Iterator[str]:
     (tiny,) = [model for model in app_args("app.yaml")["models"] if model["id"] == "tiny-chat"]
     tiny["path"] = str(ROOT / tiny["path"])
     tiny["limits"]["max_prompt_tokens"] = PROMPT_CAP
+    # The embedded default's warm prompt is longer than this prompt cap (the replica would
+    # refuse to start, saying so); the built-in warm-up request still runs.
+    del tiny["warmup"]
     queue = json.loads(json.dumps(tiny)) | {"id": "tiny-queue"}
     # Per ingress replica: 2 in flight, 8 waiting; low is shed from 4 waiting, normal from 7.
     queue["admission"] = {"max_in_flight": 4, "max_queued": 16}
@@ -346,7 +349,8 @@ def test_prompt_over_the_cap_is_rejected_on_its_exact_token_count(gateway):
 
 # Any JSON value, to put where the API expects something specific.
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    # JSON has no NaN or Infinity (the client could not even send them; parse_body's tests cover them).
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=8,
 )
@@ -363,18 +367,19 @@ FUZZ_FIELDS = {
     | JSON_VALUES,
     "max_tokens": st.integers(-2, 8) | JSON_VALUES,
     "max_completion_tokens": st.integers(-2, 8) | JSON_VALUES,
-    "temperature": st.floats(-1, 3, allow_nan=False) | JSON_VALUES,
-    "top_p": st.floats(-1, 2, allow_nan=False) | JSON_VALUES,
+    "temperature": st.floats(-1, 3) | JSON_VALUES,
+    "top_p": st.floats(-1, 2) | JSON_VALUES,
     "n": st.integers(-1, 6) | JSON_VALUES,
     "stop": st.lists(st.text(max_size=5), max_size=6) | JSON_VALUES,
     "stream": st.booleans() | JSON_VALUES,
     "logprobs": st.booleans() | JSON_VALUES,
     "seed": st.integers() | JSON_VALUES,
-    "presence_penalty": st.floats(-3, 3, allow_nan=False) | JSON_VALUES,
+    "presence_penalty": st.floats(-3, 3) | JSON_VALUES,
 }
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+# derandomize: the same 150 bodies every run, so a CI failure reproduces locally.
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(body=st.fixed_dictionaries({}, optional=FUZZ_FIELDS), streaming=st.booleans())
 def test_fuzzed_requests_never_get_a_5xx_or_hang(gateway, body, streaming):
     if streaming and isinstance(body.get("max_tokens"), int):

@@ -154,7 +154,8 @@ def test_replica_whose_engine_dies_is_replaced(gateway):
     assert len(before) == 1, before
     assert httpx.post(f"{gateway}/v1/chat/completions", json=REQUEST, timeout=30).status_code == 200
 
-    replica = process_titled(f"ray::{actor_class}")
+    (actor,) = list_actors(filters=[("class_name", "=", actor_class), ("state", "=", "ALIVE")])
+    replica = psutil.Process(actor.pid)
     engines = [p for p in replica.children() if "EngineCore" in " ".join(p.cmdline())]
     assert engines, "no engine core process under the replica"
     for engine in engines:
@@ -195,10 +196,3 @@ def wait_until_idle(engine, since: float, limit_s: float = 30) -> None:
 def alive_actor_ids(class_name: str) -> set[str]:
     actors = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
     return {actor.actor_id for actor in actors}
-
-
-def process_titled(title: str) -> psutil.Process:
-    for process in psutil.process_iter(["cmdline"]):
-        if (process.info["cmdline"] or [""])[0] == title:
-            return process
-    raise AssertionError(f"no process titled {title!r}")

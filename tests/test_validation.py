@@ -151,3 +151,14 @@ def test_messages_must_be_a_list_of_objects_with_openai_roles(messages, param):
     with pytest.raises(InvalidRequest) as raised:
         shape_request(chat(messages=messages), "chat", "tiny", LIMITS)
     assert raised.value.param == param
+
+
+def test_a_completion_with_several_prompts_reserves_for_each():
+    body = {"model": "tiny", "prompt": ["a" * 40, "b" * 40, [1, 2, 3]], "max_tokens": 10, "n": 2}
+    assert shape_request(body, "completion", "tiny", LIMITS).reserved_tokens == 10 + 10 + 3 + 3 * 2 * 10
+
+
+def test_beam_search_is_refused():
+    with pytest.raises(InvalidRequest) as raised:
+        shape_request(chat(use_beam_search=True), "chat", "tiny", LIMITS)
+    assert (raised.value.param, raised.value.code) == ("use_beam_search", "unsupported_parameter")
