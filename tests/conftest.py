@@ -1,23 +1,49 @@
-"""Shared test helpers: loading the committed Serve configs and making stand-in checkpoints."""
+"""Shared test helpers: loading the committed Serve configs, running a real Serve app, and making
+stand-in checkpoints."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 import yaml
+from ray import serve
+
+from apps.builder import build_app
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 
 
-def app_args(config_file: str) -> dict[str, Any]:
-    """The `args` of the (single) application in a committed Serve config file."""
+def app_args(config_file: str, *, local_paths: bool = False) -> dict[str, Any]:
+    """The `args` of the (single) application in a committed Serve config file. `local_paths`:
+    model paths made absolute (configs name them relative to the project root)."""
     serve_config = yaml.safe_load((CONFIGS / config_file).read_text())
     (application,) = serve_config["applications"]
-    return application["args"]
+    args = application["args"]
+    if local_paths:
+        for model in args["models"]:
+            model["path"] = str(ROOT / model["path"])
+    return args
+
+
+@contextmanager
+def serve_app(args: dict[str, Any], port: int, *, dashboard: bool = False) -> Iterator[str]:
+    """A real Serve app built from `args` on a fresh 2-CPU Ray instance; yields its base URL.
+    `dashboard`: also start the dashboard, which serves the state API."""
+    ray.init(num_cpus=2, include_dashboard=dashboard, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name="llm", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 @pytest.fixture

@@ -17,14 +17,12 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray import serve
 
 from apps.auth import key_hash
-from apps.builder import build_app
-from tests.conftest import ROOT, app_args
+from tests.conftest import app_args, serve_app
 
 PORT = 18300
 BASE_URL = f"http://127.0.0.1:{PORT}"
@@ -65,8 +63,9 @@ def chat(model: str = "tiny-chat", **fields) -> dict:
 
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[str]:
-    (tiny,) = [model for model in app_args("app.yaml")["models"] if model["id"] == "tiny-chat"]
-    tiny["path"] = str(ROOT / tiny["path"])
+    (tiny,) = [
+        model for model in app_args("app.yaml", local_paths=True)["models"] if model["id"] == "tiny-chat"
+    ]
     tiny["limits"]["max_prompt_tokens"] = PROMPT_CAP
     # The embedded default's warm prompt is longer than this prompt cap (the replica would
     # refuse to start, saying so); the built-in warm-up request still runs.
@@ -85,14 +84,8 @@ def gateway() -> Iterator[str]:
             ],
         },
     }
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        serve.run(build_app(args), name="llm", route_prefix="/")
-        yield BASE_URL
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serve_app(args, PORT) as url:
+        yield url
 
 
 async def post_many(bodies_and_keys: list[tuple[dict, str]], delay_s: float = 0.0) -> list[httpx.Response]:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from apps.config import ConfigError, load_config
-from tests.conftest import CONFIGS, ROOT, app_args
+from tests.conftest import CONFIGS, app_args
 
 
 def one_model(path: str, **fields: Any) -> dict[str, Any]:
@@ -91,10 +91,7 @@ def test_embedded_default_config_is_valid():
 )
 def test_every_cpu_config_is_valid(config_file):
     # Model paths in configs are relative to the project root, where `serve run` starts.
-    args = app_args(config_file)
-    for model in args["models"]:
-        model["path"] = str(ROOT / model["path"])
-    assert load_config(args).models
+    assert load_config(app_args(config_file, local_paths=True)).models
 
 
 def test_gpu_config_is_valid_for_a_gpu_cluster():

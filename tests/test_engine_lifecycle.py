@@ -18,12 +18,11 @@ from collections.abc import Iterator
 import httpx
 import psutil
 import pytest
-import ray
 from ray import serve
 from ray.util.state import list_actors
 
-from apps.builder import build_app, deployment_name
-from tests.conftest import ROOT, app_args
+from apps.builder import deployment_name
+from tests.conftest import app_args, serve_app
 
 PORT = 18200
 MODEL = "tiny-chat"
@@ -39,33 +38,25 @@ FIRST_TOKEN_TIMEOUT_S = 1.0
 
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[str]:
-    args = app_args("app.yaml")
+    args = app_args("app.yaml", local_paths=True)
     args["models"] = [model for model in args["models"] if model["id"] == MODEL]
-    args["models"][0]["path"] = str(ROOT / args["models"][0]["path"])
     args["models"][0]["limits"]["max_tokens_cap"] = LONG_MAX_TOKENS
     args["models"][0]["admission"] = {
         "max_in_flight": 1,
         "request_timeout_s": REQUEST_TIMEOUT_S,
         "first_token_timeout_s": FIRST_TOKEN_TIMEOUT_S,
     }
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        serve.run(build_app(args), name="llm", route_prefix="/")
+    with serve_app(args, PORT, dashboard=True) as url:
         # A cold engine's first request with log-probabilities takes ~2 s, past the timeout
         # here; the replica's warm-up must have paid that already.
-        url = f"http://127.0.0.1:{PORT}"
         first = REQUEST | {"logprobs": True, "top_logprobs": 5}
         response = httpx.post(f"{url}/v1/chat/completions", json=first, timeout=60)
         assert response.status_code == 200, f"first request after warm-up: {response.text}"
         yield url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def test_client_disconnect_aborts_the_engine_request(gateway):
-    engine = serve.get_deployment_handle(deployment_name(MODEL), app_name="llm")
+    engine = model_handle()
     assert engine.load.remote().result() == 0, "engine busy before the test"
     body = REQUEST | {"max_tokens": LONG_MAX_TOKENS, "stream": True, "logprobs": True, "ignore_eos": True}
     with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, timeout=60) as response:
@@ -81,9 +72,7 @@ def test_client_disconnect_aborts_the_engine_request(gateway):
         tokens_per_s = tokens / (time.monotonic() - started)
         assert engine.load.remote().result() == 1, f"not running after {tokens} tokens at {tokens_per_s:.0f}/s"
     closed = time.monotonic()
-    while engine.load.remote().result() != 0:
-        assert time.monotonic() - closed < 30, "engine request never ended"
-        time.sleep(0.02)
+    wait_until_idle(engine, since=closed)
     abort_s = time.monotonic() - closed
     natural_s = (LONG_MAX_TOKENS - tokens) / tokens_per_s
     # Against the same run's speed: the abort must beat running to the end by far.

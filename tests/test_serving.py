@@ -19,11 +19,10 @@ import ray
 from ray import serve
 from ray.util.state import list_placement_groups
 
-from apps.builder import build_app, deployment_name
-from tests.conftest import ROOT, app_args
+from apps.builder import deployment_name
+from tests.conftest import app_args, serve_app
 
 PORT = 18000
-BASE_URL = f"http://127.0.0.1:{PORT}"
 MODELS = ["tiny-chat", "tiny-chat-tp2"]
 MESSAGES = [
     {"role": "system", "content": "You are a terse assistant."},
@@ -35,18 +34,9 @@ EXACT = {"ignore_eos": True}  # vLLM extension: generate exactly max_tokens toke
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[str]:
     """The embedded default app, started once for the module; yields the base URL."""
-    args = app_args("app.yaml")
-    for model in args["models"]:
-        model["path"] = str(ROOT / model["path"])
     # The dashboard serves the state API that the placement and replica checks read.
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        serve.run(build_app(args), name="llm", route_prefix="/")
-        yield BASE_URL
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with serve_app(app_args("app.yaml", local_paths=True), PORT, dashboard=True) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
