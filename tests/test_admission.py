@@ -28,6 +28,7 @@ PORT = 18300
 BASE_URL = f"http://127.0.0.1:{PORT}"
 CHAT = f"{BASE_URL}/v1/chat/completions"
 PROMPT_CAP = 64  # tiny-chat's max_prompt_tokens
+QUEUE_MAX_TOKENS_CAP = 300  # tiny-queue clamps max_tokens to this instead of refusing
 KEY_LIMITS = {
     "open": {},
     "restricted": {"models": ["tiny-chat"]},
@@ -73,6 +74,7 @@ def gateway() -> Iterator[str]:
     queue = json.loads(json.dumps(tiny)) | {"id": "tiny-queue"}
     # Per ingress replica: 2 in flight, 8 waiting; low is shed from 4 waiting, normal from 7.
     queue["admission"] = {"max_in_flight": 4, "max_queued": 16}
+    queue["limits"] |= {"over_cap": "clamp", "max_tokens_cap": QUEUE_MAX_TOKENS_CAP}
     args = {
         "ingress": {"num_replicas": 2, "num_cpus": 0.1},
         "models": [tiny, queue],
@@ -224,6 +226,16 @@ def test_concurrency_limit_refuses_the_third_request_at_once(gateway):
     assert httpx.post(CHAT, json=chat(), headers=auth("two-at-once"), timeout=30).status_code == 200
 
 
+def test_clamp_mode_lowers_max_tokens_to_the_cap_and_says_so(gateway):
+    # Stopping on every token id ends the answer at once; the header is what is checked.
+    body = chat("tiny-queue", max_tokens=10**6, stop_token_ids=list(range(VOCAB_SIZE)))
+    clamped = httpx.post(CHAT, json=body, headers=auth("open"), timeout=60)
+    assert clamped.status_code == 200, clamped.text
+    assert clamped.headers["x-max-tokens-clamped"] == str(QUEUE_MAX_TOKENS_CAP)
+    within = httpx.post(CHAT, json=body | {"max_tokens": 5}, headers=auth("open"), timeout=60)
+    assert within.status_code == 200 and "x-max-tokens-clamped" not in within.headers
+
+
 # --- backpressure and priorities ----------------------------------------------------------------
 
 
@@ -341,10 +353,14 @@ def test_prompt_over_the_cap_is_rejected_on_its_exact_token_count(gateway):
 
 
 # Any JSON value, to put where the API expects something specific.
+def _json_containers(children: st.SearchStrategy) -> st.SearchStrategy:
+    return st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+
+
 JSON_VALUES = st.recursive(
     # JSON has no NaN or Infinity (the client could not even send them; parse_body's tests cover them).
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    _json_containers,
     max_leaves=8,
 )
 # Fields of a chat request, each either plausible or any JSON value.
