@@ -35,6 +35,7 @@ DEFAULT_INGRESS_MAX_ONGOING_REQUESTS = 1024
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SYSTEM_PROMPT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # Priority classes, best first: a freed slot goes to the best class waiting.
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
@@ -370,6 +371,14 @@ class ModelConfig(StrictModel):
     )
     warmup: WarmupSettings = Field(
         default_factory=WarmupSettings, description="Hot prompts run before the replica is ready."
+    )
+    system_prompts: dict[
+        Annotated[str, Field(pattern=SYSTEM_PROMPT_NAME_PATTERN)], Annotated[str, Field(min_length=1)]
+    ] = Field(
+        default_factory=dict,
+        description="Named system prompts: a chat request's `system_prompt: NAME` puts the text "
+        "first, byte-identical in every request (so the prefix cache reuses it). Each is warmed "
+        "up like a hot prompt.",
     )
 
     @field_validator("path")

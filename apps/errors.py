@@ -36,6 +36,8 @@ from ray.serve.exceptions import (
 )
 
 JSON_MEDIA_TYPE = "application/json"
+# The final status of a request whose client left before its answer was complete (nginx's).
+CLIENT_CLOSED_REQUEST = 499
 logger = logging.getLogger("ray.serve")
 
 

@@ -6,7 +6,8 @@
 
 A request's way through `_forward`:
 
-    authenticate (401) -> read, parse, shape (413, 400) -> may this key use the model (404, 403)
+    authenticate (401) -> read, parse (413, 400) -> may this key use the model (404, 403)
+    -> named system prompt, volatile-prefix check, shape (400)
     -> reserve the key's request and tokens in the shared limiter (429)
     -> wait for a slot of the model (503 when full, shed or out of time)
     -> call the model server; head within the time-to-first-token timeout (504)
@@ -15,7 +16,8 @@ A request's way through `_forward`:
 The status is known before the first byte (the model server's `ResponseHead`); after it, body
 bytes are relayed as they come, never parsed. Every error is OpenAI's error object, and every
 answer to a rate-limited key from the reservation on (admitted, or refused with 429) carries
-its `x-ratelimit-*` headers.
+its `x-ratelimit-*` headers. Every request leaves its metrics and an access-log line
+(`apps.telemetry`), whatever its outcome.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ from apps.errors import (
     model_call_error,
     never_reached_model,
 )
+from apps.metrics import ingress_metrics
+from apps.prefixes import VolatilePrefixWatch, apply_system_prompt
 from apps.rate_limits import Settler, rate_limit_error, ratelimit_headers
-from apps.streaming import SSE_MEDIA_TYPE, RelayResponse, ResponseHead
+from apps.streaming import SSE_MEDIA_TYPE, RelayResponse, ResponseHead, StreamEnd
+from apps.telemetry import RequestRecord, RequestTelemetry, export_gauges, request_record
 from apps.validation import (
     Endpoint,
     ShapedRequest,
@@ -66,24 +71,27 @@ LIMITER_TIMEOUT_S = 5.0
 LATE_UNDO_DELAY_S = 1.0
 
 app = FastAPI(title="LLM gateway", description="OpenAI-compatible API over vLLM engines.")
+app.add_middleware(RequestTelemetry)
 
 
 @app.exception_handler(GatewayError)
-async def _gateway_error(_: Request, error: GatewayError) -> JSONResponse:
+async def _gateway_error(request: Request, error: GatewayError) -> JSONResponse:
+    request_record(request).reason = error.code
     return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # Routing answers: 404 for an unknown path, 405 (with its Allow header) for a wrong method.
     error = RouteNotFound(str(exc.detail), status=exc.status_code)
+    request_record(request).reason = error.code
     return JSONResponse(error_body(error), status_code=error.status, headers=exc.headers)
 
 
 @app.exception_handler(Exception)
-async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("Unexpected error in the ingress")
-    return await _gateway_error(_, InternalError("Internal server error."))
+    return await _gateway_error(request, InternalError("Internal server error."))
 
 
 @serve.ingress(app)
@@ -101,6 +109,16 @@ class Ingress:
         self._settler = Settler(limiter)
         self._max_body_bytes = config.ingress.max_body_bytes
         self._models = dict(models)
+        metrics = ingress_metrics()
+        self._prefix_watches = {
+            model.id: VolatilePrefixWatch(
+                model.id,
+                lambda kind, model_id=model.id: metrics.volatile_prefixes.inc(
+                    tags={"model": model_id, "kind": kind}
+                ),
+            )
+            for model in config.models
+        }
         self._routes = {
             model.id: ModelRoute(
                 model,
@@ -109,6 +127,10 @@ class Ingress:
             )
             for model in config.models
         }
+        # Serve runs the constructor on the replica's event loop, which serves the requests too.
+        self._gauges = asyncio.get_running_loop().create_task(
+            export_gauges(lambda: {model_id: route.gate.depth for model_id, route in self._routes.items()})
+        )
         self._health_timeout_s = config.ingress.health_timeout_s
         created = int(time.time())
         self._model_list = [
@@ -152,19 +174,24 @@ class Ingress:
         return JSONResponse({"status": "ok", "models": list(self._models)})
 
     async def _forward(self, request: Request, endpoint: Endpoint) -> Response:
-        arrived = asyncio.get_running_loop().time()
+        record = request_record(request)
         caller = self._keys.authenticate(request.headers.get("authorization"))
+        record.key = caller.name
         body = parse_body(await read_body(request, self._max_body_bytes))
         model_id = requested_model(body)
+        record.stream = body.get("stream") is True
         self._keys.authorize(caller, model_id, self._routes)
+        record.model = model_id  # a served model: metric labels stay bounded
         route = self._routes[model_id]
+        body = apply_system_prompt(body, endpoint, model_id, route.config.system_prompts)
+        self._prefix_watches[model_id].check(body, endpoint)
         shaped = shape_request(body, endpoint, model_id, route.config.limits)
         headers = {"x-max-tokens-clamped": str(shaped.max_tokens)} if shaped.clamped else {}
         reservation = None
         if caller.rate_limited:
             reservation = await self._reserve(caller, shaped, headers)
         try:
-            return await self._admit_and_call(route, endpoint, shaped, caller, reservation, headers, arrived)
+            return await self._admit_and_call(route, endpoint, shaped, caller, reservation, headers, record)
         except GatewayError as error:
             error.headers = headers | error.headers
             raise
@@ -200,17 +227,21 @@ class Ingress:
         caller: Caller,
         reservation: str | None,
         headers: dict[str, str],
-        arrived: float,
+        record: RequestRecord,
     ) -> Response:
-        head_due, total_due = route.deadlines(arrived, shaped.body.get("stream") is True)
+        head_due, total_due = route.deadlines(record.arrived, record.stream)
+        loop = asyncio.get_running_loop()
+        queued = loop.time()
         try:
             await route.gate.acquire(caller.priority, head_due)
         except BaseException:
+            record.queue_wait_s = loop.time() - queued
             self._settle(reservation, used_tokens=0)  # never reached an engine
             raise
+        record.admit(loop.time() - queued)
         stream: DeploymentResponseGenerator | None = None
         try:
-            stream = route.stream.generate.remote(endpoint, shaped.body, reservation)
+            stream = route.stream.generate.remote(endpoint, shaped.body, reservation, caller.name)
             head: ResponseHead = await until(anext(stream), head_due)
         except BaseException as exc:
             if stream is not None:
@@ -224,6 +255,7 @@ class Ingress:
             if isinstance(exc, Exception):
                 raise model_call_error(shaped.model_id, exc) from exc
             raise
+        record.usage, record.reason = head.usage, head.code
         if head.media_type != SSE_MEDIA_TYPE:
             route.gate.release()
             return Response(
@@ -235,12 +267,17 @@ class Ingress:
             shaped.model_id,
             headers=headers,
             deadline=total_due,
-            on_close=lambda finished: self._stream_closed(route, reservation, finished),
+            on_close=lambda end: self._stream_closed(route, reservation, record, end),
         )
 
-    def _stream_closed(self, route: ModelRoute, reservation: str | None, finished: bool) -> None:
+    def _stream_closed(
+        self, route: ModelRoute, reservation: str | None, record: RequestRecord, end: StreamEnd
+    ) -> None:
         route.gate.release()
-        if not finished and reservation is not None:
+        record.usage = end.usage or record.usage
+        if not end.completed:
+            record.end_status, record.reason = end.status, end.code
+        if not end.completed and reservation is not None:
             # Cut short: the model server settles with the real count, unless its replica died.
             self._settler.settle(reservation, None, delay_s=BACKSTOP_SETTLE_DELAY_S)
 

@@ -35,10 +35,12 @@ from apps.errors import (
     engine_error,
     error_event,
 )
+from apps.metrics import UNAUTHENTICATED, model_server_metrics
 from apps.placement import omp_threads_bind, placement_for
 from apps.rate_limits import Settler
 from apps.streaming import (
     SSE_MEDIA_TYPE,
+    LastChunk,
     ResponseHead,
     coalesce,
     error_head,
@@ -78,8 +80,10 @@ class ModelServer:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.executor.abstract import Executor
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         self._model = model
+        self._metrics = model_server_metrics()
         self._settler = Settler(limiter) if limiter is not None else None
         placement = placement_for(model.parallelism)
         if model.parallelism.accelerator == "cpu":
@@ -100,6 +104,9 @@ class ModelServer:
             log_requests=args.enable_log_requests,
             log_stats=not args.disable_log_stats,
             usage_context=UsageContext.OPENAI_API_SERVER,
+            # The engine's own metrics (scheduler queue, KV cache, prefix cache, speculative
+            # decoding) exported through Ray's metrics agent, like the gateway's (apps.metrics).
+            stat_loggers=[RayPrometheusStatLogger],
         )
         state = State()
         # Usage reports prefix-cache hits (`prompt_tokens_details.cached_tokens`), as OpenAI's does.
@@ -122,15 +129,20 @@ class ModelServer:
         logger.info("Model %s ready: %s", model.id, placement)
 
     async def generate(
-        self, endpoint: Endpoint, body: dict[str, Any], reservation: str | None = None
-    ) -> AsyncIterator[ResponseHead | bytes]:
-        """Run one OpenAI request; yields a `ResponseHead`, then (streams only) SSE bytes.
-        `reservation`: the rate limiter's, settled here with the tokens really used."""
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        reservation: str | None = None,
+        key: str = UNAUTHENTICATED,
+    ) -> AsyncIterator[ResponseHead | bytes | LastChunk]:
+        """Run one OpenAI request; yields a `ResponseHead`, then (streams only) SSE bytes, the last
+        of them as a `LastChunk`. `reservation`: the rate limiter's, settled here with the tokens
+        really used. `key`: the caller's key name, for the token metrics."""
         usage = start_usage()
         settle = _Settlement(self._settler, reservation, usage)
         started = time.monotonic()
         try:
-            async for item in self._respond(endpoint, body, settle):
+            async for item in self._respond(endpoint, body, settle, usage):
                 if not self._first_request_logged:
                     # With warm-up this shows what a replica's first client really waited.
                     self._first_request_logged = True
@@ -142,43 +154,56 @@ class ModelServer:
                 yield item
         finally:
             settle.now()  # failed or cancelled: no waiting on the limiter
+            self._count_tokens(usage, key)
+
+    def _count_tokens(self, usage: Usage, key: str) -> None:
+        tags = {"model": self._model.id, "key": key}
+        if usage.prompt_tokens:
+            self._metrics.prompt_tokens.inc(usage.prompt_tokens, tags=tags)
+        if usage.completion_tokens:
+            self._metrics.generation_tokens.inc(usage.completion_tokens, tags=tags)
 
     async def _respond(
-        self, endpoint: Endpoint, body: dict[str, Any], settle: _Settlement
-    ) -> AsyncIterator[ResponseHead | bytes]:
+        self, endpoint: Endpoint, body: dict[str, Any], settle: _Settlement, usage: Usage
+    ) -> AsyncIterator[ResponseHead | bytes | LastChunk]:
         try:
             result = await self._start(endpoint, body)
         except GatewayError as error:
             await settle.wait()
-            yield error_head(error)
+            yield error_head(error, usage)
             return
         if isinstance(result, BaseModel):
             await settle.wait()
-            yield ResponseHead(200, JSON_MEDIA_TYPE, result.model_dump_json().encode())
+            yield ResponseHead(200, JSON_MEDIA_TYPE, result.model_dump_json().encode(), usage)
             return
         chunks = coalesce(result)
         try:
             try:
                 first = await anext(chunks)
             except Exception as exc:
-                yield error_head(self._engine_failure(exc))
+                yield error_head(self._engine_failure(exc), usage)
                 return
             # vLLM reports failures inside the stream; before the first byte they get a status.
             error = first_event_error(first)
             if error is not None:
                 await settle.wait()
-                yield error_head(error)
+                yield error_head(error, usage)
                 return
-            if first.endswith(DONE_EVENT):
+            if first.endswith(DONE_EVENT):  # the whole stream in one message
                 await settle.wait()
+                yield ResponseHead(200, SSE_MEDIA_TYPE, translate_error_events(first), usage)
+                return
             yield ResponseHead(200, SSE_MEDIA_TYPE, translate_error_events(first))
             try:
                 async for chunk in chunks:
                     if chunk.endswith(DONE_EVENT):
                         await settle.wait()
-                    yield translate_error_events(chunk)
+                        yield LastChunk(translate_error_events(chunk), usage)
+                    else:
+                        yield translate_error_events(chunk)
             except Exception as exc:  # headers are out: end the stream with an error event
-                yield error_event(self._engine_failure(exc))
+                failure = self._engine_failure(exc)
+                yield LastChunk(error_event(failure), usage, failure.status, failure.code)
         finally:
             await chunks.aclose()
 

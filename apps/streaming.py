@@ -1,8 +1,10 @@
 """The wire between a model server and the ingress: one head, then raw bytes.
 
 A model server's `generate` yields a `ResponseHead` first (status, media type and the first bytes
-of the body), then `bytes` for the rest of a stream. The ingress thus knows the status before it
-sends a byte, and moves bytes without parsing or re-serialising JSON.
+of the body), then `bytes` for the rest of a stream, the last of them as a `LastChunk`. The
+ingress thus knows the status before it sends a byte, moves bytes without parsing or
+re-serialising JSON, and learns the request's token usage from the head (a whole answer) or the
+last chunk (a stream) without an extra message.
 
 Every Ray message costs CPU on both sides, so `coalesce` sends each SSE event as soon as it is
 ready, and whatever events pile up while a message is in flight travel together as the next one.
@@ -22,6 +24,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from apps.errors import (
+    CLIENT_CLOSED_REQUEST,
     JSON_MEDIA_TYPE,
     DeadlineExceeded,
     GatewayError,
@@ -30,6 +33,7 @@ from apps.errors import (
     error_json,
     model_call_error,
 )
+from apps.usage import Usage
 
 SSE_MEDIA_TYPE = "text/event-stream"
 # Proxies must not buffer or transform an event stream.
@@ -46,11 +50,36 @@ class ResponseHead:
     status: int
     media_type: str
     body: bytes
+    usage: Usage | None = None  # when the head is the whole answer
+    code: str | None = None  # an error answer's OpenAI error code
 
 
-def error_head(error: GatewayError) -> ResponseHead:
+@dataclass(frozen=True)
+class LastChunk:
+    """A stream's last message: its final bytes, and the tokens the request used."""
+
+    body: bytes
+    usage: Usage
+    status: int = 200  # not 200: the stream ended with this error's event
+    code: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """How a relayed stream ended: 200 (completed), 499 (the client left), or an error's status."""
+
+    status: int
+    code: str | None = None
+    usage: Usage | None = None
+
+    @property
+    def completed(self) -> bool:
+        return self.status == 200
+
+
+def error_head(error: GatewayError, usage: Usage | None = None) -> ResponseHead:
     """A whole error response: the status and OpenAI's error body."""
-    return ResponseHead(error.status, JSON_MEDIA_TYPE, error_json(error))
+    return ResponseHead(error.status, JSON_MEDIA_TYPE, error_json(error), usage, error.code)
 
 
 def first_event_error(chunk: bytes) -> GatewayError | None:
@@ -134,9 +163,9 @@ class RelayResponse(StreamingResponse):
 
     However the response ends (client gone, Starlette cancelling the sending task before the
     body iterator ever ran, an error, the deadline), the model call is cancelled unless it
-    finished, which aborts the engine request, and `on_close(completed)` runs once (completed:
-    the model's stream ended without error). A failure or the deadline after the headers went
-    out ends the stream with an error event. The deadline is one timer, not a check per chunk.
+    finished, which aborts the engine request, and `on_close(StreamEnd)` runs once. A failure
+    or the deadline after the headers went out ends the stream with an error event. The deadline
+    is one timer, not a check per chunk.
     """
 
     def __init__(
@@ -147,7 +176,7 @@ class RelayResponse(StreamingResponse):
         *,
         headers: Mapping[str, str],
         deadline: float | None,
-        on_close: Callable[[bool], None],
+        on_close: Callable[[StreamEnd], None],
     ) -> None:
         super().__init__(
             self._relay(first), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS | dict(headers)
@@ -157,8 +186,8 @@ class RelayResponse(StreamingResponse):
         self._deadline = deadline
         self._on_close = on_close
         self._finished = False  # the model's stream ended (cleanly or not): nothing to cancel
-        self._failed = False
         self._timed_out = False
+        self._end: StreamEnd | None = None  # how the model's stream ended, once it has
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         timer = None
@@ -171,7 +200,7 @@ class RelayResponse(StreamingResponse):
                 timer.cancel()
             if not self._finished:
                 self._stream.cancel()
-            self._on_close(self._finished and not self._failed)
+            self._on_close(self._end or StreamEnd(CLIENT_CLOSED_REQUEST, "client_closed_request"))
 
     def _expire(self) -> None:
         if not self._finished:
@@ -180,15 +209,20 @@ class RelayResponse(StreamingResponse):
 
     async def _relay(self, first: bytes) -> AsyncIterator[bytes]:
         yield first
+        end = StreamEnd(200)
         try:
             async for chunk in self._stream:
+                if isinstance(chunk, LastChunk):
+                    end = StreamEnd(chunk.status, chunk.code, chunk.usage)
+                    chunk = chunk.body
                 yield chunk
         except Exception as exc:
-            self._failed = True
+            error: GatewayError
             if self._timed_out:
-                yield error_event(
-                    DeadlineExceeded(f"The request to model {self._model_id} ran past its timeout.")
-                )
+                error = DeadlineExceeded(f"The request to model {self._model_id} ran past its timeout.")
             else:
-                yield error_event(model_call_error(self._model_id, exc))
+                error = model_call_error(self._model_id, exc)
+            end = StreamEnd(error.status, error.code)
+            yield error_event(error)
         self._finished = True
+        self._end = end

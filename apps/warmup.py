@@ -7,8 +7,9 @@ its first client warm. Two kinds of work:
 - one short built-in request, always: a fresh engine's first request pays one-off costs (the
   first request with log-probabilities took ~2 s on the tiny CPU model, against ~30 ms warm;
   the built-in request asks for them, so that path is warm too);
-- the model's configured hot prompts, `repeat` times each, one token each: their prefixes land
-  in the prefix cache, so clients that share them skip that part of the prefill.
+- the model's configured hot prompts and named system prompts (`apps.prefixes`), `repeat` times
+  each, one token each: their prefixes land in the prefix cache, so clients that share them skip
+  that part of the prefill.
 
 A warm-up request that fails fails the replica's start, with the model, the prompt's index and
 the engine's message; Serve reports it in the deployment's status.
@@ -43,10 +44,13 @@ async def warm_up(model: ModelConfig, serving: Mapping[str, Any], request_types:
     first_s = await _run(
         model, serving, request_types, BUILT_IN, BUILT_IN_MAX_TOKENS, "built-in", BUILT_IN_EXTRA
     )
+    hot = {f"#{index}": prompt for index, prompt in enumerate(model.warmup.prompts)}
+    for name, text in model.system_prompts.items():
+        hot[f"`{name}` (system prompt)"] = WarmupPrompt(messages=[{"role": "system", "content": text}])
     for _ in range(model.warmup.repeat):
-        for index, prompt in enumerate(model.warmup.prompts):
-            await _run(model, serving, request_types, prompt, HOT_PROMPT_MAX_TOKENS, f"#{index}")
-    count = 1 + model.warmup.repeat * len(model.warmup.prompts)
+        for label, prompt in hot.items():
+            await _run(model, serving, request_types, prompt, HOT_PROMPT_MAX_TOKENS, label)
+    count = 1 + model.warmup.repeat * len(hot)
     logger.info(
         "Model %s warmed up: %d requests in %.2fs; the first (a cold engine's) took %.0f ms.",
         model.id,

@@ -32,11 +32,26 @@ def app_args(config_file: str, *, local_paths: bool = False) -> dict[str, Any]:
     return args
 
 
+# Ray's metrics agent pushes to its endpoint every 10 s by default; tests wait less.
+TEST_METRICS_REPORT_INTERVAL_MS = 500
+
+
 @contextmanager
-def serve_app(args: dict[str, Any], port: int, *, dashboard: bool = False) -> Iterator[str]:
+def serve_app(
+    args: dict[str, Any], port: int, *, dashboard: bool = False, metrics_port: int | None = None
+) -> Iterator[str]:
     """A real Serve app built from `args` on a fresh 2-CPU Ray instance; yields its base URL.
-    `dashboard`: also start the dashboard, which serves the state API."""
-    ray.init(num_cpus=2, include_dashboard=dashboard, log_to_driver=False)
+    `dashboard`: also start the dashboard, which serves the state API. `metrics_port`: where
+    Ray's metrics agent exports the node's Prometheus metrics (quickly refreshed)."""
+    ray.init(
+        num_cpus=2,
+        include_dashboard=dashboard,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        _system_config=(
+            {"metrics_report_interval_ms": TEST_METRICS_REPORT_INTERVAL_MS} if metrics_port else None
+        ),
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name="llm", route_prefix="/")

@@ -68,9 +68,9 @@ def gateway() -> Iterator[str]:
         model for model in app_args("app.yaml", local_paths=True)["models"] if model["id"] == "tiny-chat"
     ]
     tiny["limits"]["max_prompt_tokens"] = PROMPT_CAP
-    # The embedded default's warm prompt is longer than this prompt cap (the replica would
-    # refuse to start, saying so); the built-in warm-up request still runs.
-    del tiny["warmup"]
+    # The embedded default's named system prompt is longer than this prompt cap (its warm-up
+    # would refuse to start the replica, saying so); the built-in warm-up request still runs.
+    del tiny["system_prompts"]
     queue = json.loads(json.dumps(tiny)) | {"id": "tiny-queue"}
     # Per ingress replica: 2 in flight, 8 waiting; low is shed from 4 waiting, normal from 7.
     queue["admission"] = {"max_in_flight": 4, "max_queued": 16}

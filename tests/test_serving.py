@@ -58,27 +58,55 @@ def test_health_is_ok_when_every_model_has_a_ready_replica(gateway):
     assert response.json()["models"] == MODELS
 
 
-def test_a_warm_prompt_prefix_is_served_from_the_prefix_cache(client):
-    """configs/app.yaml warms tiny-chat with a system prompt before the replica is ready, so the
-    first client request that shares it finds its full blocks cached; an unseen one does not."""
+def test_a_named_system_prompt_is_served_from_the_prefix_cache(client):
+    """configs/app.yaml names a system prompt for tiny-chat, which each replica warms before it is
+    ready: the first client request that references it finds its full blocks cached and gets the
+    same prompt as if it had sent the text itself; an unseen prompt of the same length does not."""
     (tiny,) = [model for model in app_args("app.yaml")["models"] if model["id"] == "tiny-chat"]
-    system = tiny["warmup"]["prompts"][0]["messages"][0]["content"]
+    system = tiny["system_prompts"]["support"]
     unseen = system.upper()  # same length, no shared block
     block = serve.get_deployment_handle(deployment_name("tiny-chat"), app_name="llm").block_size.remote().result()
     question = {"role": "user", "content": "Where is my order?"}
 
-    def cached_and_prompt_tokens(messages):
-        usage = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=1).usage
+    def cached_and_prompt_tokens(messages, **extra_body):
+        usage = client.chat.completions.create(
+            model="tiny-chat", messages=messages, max_tokens=1, extra_body=extra_body
+        ).usage
         return usage.prompt_tokens_details.cached_tokens, usage.prompt_tokens
 
-    warm_cached, _ = cached_and_prompt_tokens([{"role": "system", "content": system}, question])
+    named_cached, named_prompt_tokens = cached_and_prompt_tokens([question], system_prompt="support")
+    _, explicit_prompt_tokens = cached_and_prompt_tokens([{"role": "system", "content": system}, question])
     cold_cached, _ = cached_and_prompt_tokens([{"role": "system", "content": unseen}, question])
     # The warm-up prompt itself: the system prompt plus the few tokens that open the answer.
     _, warm_prompt_tokens = cached_and_prompt_tokens([{"role": "system", "content": system}])
     shared_full_blocks = (warm_prompt_tokens - 8) // block * block
+    assert named_prompt_tokens == explicit_prompt_tokens
     assert shared_full_blocks > 0, (warm_prompt_tokens, block)
-    assert warm_cached >= shared_full_blocks, (warm_cached, shared_full_blocks, block)
+    assert named_cached >= shared_full_blocks, (named_cached, shared_full_blocks, block)
     assert cold_cached < block, cold_cached
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code"),
+    [
+        ("/v1/chat/completions", {"system_prompt": "nope"}, "unknown_system_prompt"),
+        ("/v1/chat/completions", {"system_prompt": ["support"]}, "unknown_system_prompt"),
+        (
+            "/v1/chat/completions",
+            {"system_prompt": "support", "messages": [{"role": "system", "content": "x"}]},
+            "invalid_request",
+        ),
+        ("/v1/completions", {"system_prompt": "support", "prompt": "hi"}, "invalid_request"),
+    ],
+)
+def test_a_bad_system_prompt_reference_is_a_400(gateway, path, body, code):
+    request = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    if path == "/v1/completions":
+        del request["messages"]
+    response = httpx.post(gateway + path, json=request | body, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == (code, "system_prompt"), error
 
 
 def test_models_lists_the_served_ids(client):
