@@ -2,8 +2,9 @@
 
 Times what the ingress does to every request before handing it to a model (parse the body,
 shape it: max_tokens default and cap, the estimate; check the API key; take and free a slot of
-the model's gate; the rate limiter's bookkeeping, here in-process) and the error path of a
-rejected request, with `time.process_time` (CPU, not wall time) over many repetitions, best of
+the model's gate; the rate limiter's bookkeeping, here in-process; the volatile-prefix scan; the
+telemetry middleware: timings, metrics and the access line) and the error path of a rejected
+request, with `time.process_time` (CPU, not wall time) over many repetitions, best of
 several rounds. The limiter's Ray round trip is not in here: docs/BENCHMARKS.md measures it end
 to end. Future changes add their stages here so their cost stays visible.
 
@@ -13,7 +14,9 @@ to end. Future changes add their stages here so their cost stays visible.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import time
 from collections.abc import Callable
 
@@ -21,7 +24,9 @@ from apps.admission import ModelGate, shed_depths
 from apps.auth import KeyTable, key_hash
 from apps.config import ApiKey, AuthSettings, RequestLimits
 from apps.errors import GatewayError, error_json
+from apps.prefixes import VolatilePrefixWatch
 from apps.rate_limits import KeyLimits
+from apps.telemetry import RECORD_SCOPE_KEY, RequestTelemetry
 from apps.validation import parse_body, shape_request
 from scripts.workloads import make_workload
 
@@ -76,13 +81,44 @@ def measure(repetitions: int = REPETITIONS) -> dict[str, float]:
             await gate.acquire("normal")
             gate.release()
 
-    def gate_us() -> float:
+    def async_us(rounds: Callable[[int], object]) -> float:
         best = float("inf")
         for _ in range(ROUNDS):
             start = time.process_time()
-            loop.run_until_complete(gate_round_trips(repetitions))
+            loop.run_until_complete(rounds(repetitions))
             best = min(best, (time.process_time() - start) / repetitions)
         return best * 1e6
+
+    watch = VolatilePrefixWatch("tiny-chat", lambda kind: None)
+    body = parse_body(raw)
+
+    # One answered request through an ASGI app, bare and inside the telemetry middleware (which
+    # records the metrics and formats the access line; the log goes to memory, as to a file).
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+
+    async def answer(scope, receive, send) -> None:
+        record = scope.get(RECORD_SCOPE_KEY)
+        if record is not None:
+            record.model, record.key = "tiny-chat", "bench"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    async def send(message) -> None:
+        pass
+
+    def asgi_rounds(app):
+        async def rounds(count: int) -> None:
+            for _ in range(count):
+                await app(dict(scope), receive, send)
+
+        return rounds
+
+    log = logging.getLogger("ray.serve")
+    log.handlers, log.propagate, log.level = [logging.StreamHandler(io.StringIO())], False, logging.INFO
+    telemetry_us = async_us(asgi_rounds(RequestTelemetry(answer))) - async_us(asgi_rounds(answer))
 
     results = {
         "request_bytes": len(raw),
@@ -90,8 +126,10 @@ def measure(repetitions: int = REPETITIONS) -> dict[str, float]:
         "parse_and_shape_us": cpu_us_per_call(accepted, repetitions),
         "rejected_with_error_body_us": cpu_us_per_call(rejected, repetitions),
         "authenticate_us": cpu_us_per_call(lambda: keys.authenticate(f"Bearer {KEY}"), repetitions),
-        "gate_acquire_release_us": gate_us(),
+        "gate_acquire_release_us": async_us(gate_round_trips),
         "limiter_reserve_settle_us": cpu_us_per_call(reserve_and_settle, repetitions),
+        "volatile_prefix_scan_us": cpu_us_per_call(lambda: watch.check(body, "chat"), repetitions),
+        "telemetry_middleware_us": telemetry_us,
     }
     loop.close()
     return results
