@@ -16,9 +16,10 @@ import argparse
 import asyncio
 import functools
 import logging
+import logging.handlers
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -68,6 +69,8 @@ class ModelServer:
     """Serves one model; Serve runs N replicas of it, each with its own engine and placement group."""
 
     async def __init__(self, model: ModelConfig, limiter: DeploymentHandle | None = None) -> None:
+        # vLLM configures logging as it is imported and starts; Serve's log file is put back after.
+        restore_serve_logging = _serve_logging_saved()
         # vLLM is imported here, in the replica, so building the app stays light.
         from ray.util.placement_group import get_current_placement_group
         from starlette.datastructures import State
@@ -124,6 +127,7 @@ class ModelServer:
             "chat": ChatCompletionRequest,
             "completion": CompletionRequest,
         }
+        restore_serve_logging()
         await warm_up(model, self._serving, self._request_types)
         self._first_request_logged = False
         logger.info("Model %s ready: %s", model.id, placement)
@@ -267,6 +271,25 @@ class ModelServer:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _serve_logging_saved() -> Callable[[], None]:
+    """Save this replica's Serve log handlers; the function returned puts them back.
+
+    Importing and starting vLLM reconfigures logging: the `ray.serve` logger is left with a bare
+    stderr handler, and a `dictConfig` closes every existing handler (closing Serve's MemoryHandler
+    drops its target file). Every later line of this replica (warm-up, first request, errors)
+    would then miss the replica's log file. The file reopens on the next record."""
+    serve_logger = logging.getLogger("ray.serve")
+    handlers = list(serve_logger.handlers)
+    targets = {h: h.target for h in handlers if isinstance(h, logging.handlers.MemoryHandler)}
+
+    def restore() -> None:
+        serve_logger.handlers = handlers
+        for handler, target in targets.items():
+            handler.target = target
+
+    return restore
 
 
 class _Settlement:

@@ -343,9 +343,23 @@ def test_every_metric_the_dashboard_queries_is_exported(samples):
     assert not missing, f"the dashboard queries metrics the app does not export: {missing}"
 
 
-def ingress_log_lines() -> list[str]:
-    """The ingress replica's log lines (Serve writes each replica's log under the session)."""
+def test_each_model_replica_logs_its_warm_up_and_its_first_requests_ttft(workload):
+    for model in ("tiny-chat", "tiny-ngram"):
+        lines = replica_log_lines(f"model-{model}")
+        warmed = [i for i, line in enumerate(lines) if f"Model {model} warmed up:" in line]
+        first = [i for i, line in enumerate(lines) if f"Model {model}: first client request's" in line]
+        assert len(warmed) == 1 and len(first) == 1, (model, warmed, first)
+        assert warmed[0] < first[0], "warm-up ends before the first client request"
+        assert re.search(r"first bytes after \d+ ms", lines[first[0]]), lines[first[0]]
+
+
+def replica_log_lines(deployment: str) -> list[str]:
+    """A deployment's replica log lines (Serve writes each replica's log under the session)."""
     lines: list[str] = []
-    for path in glob.glob("/tmp/ray/session_latest/logs/serve/replica_llm_ingress_*.log"):
+    for path in glob.glob(f"/tmp/ray/session_latest/logs/serve/replica_llm_{deployment}_*.log"):
         lines += Path(path).read_text(errors="replace").splitlines()
     return lines
+
+
+def ingress_log_lines() -> list[str]:
+    return replica_log_lines("ingress")
