@@ -73,6 +73,9 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
             "max_replicas": autoscaling.max_replicas,
             "target_ongoing_requests": autoscaling.target_ongoing_requests
             or max(1.0, capacity * TARGET_ONGOING_SHARE),
+            "upscale_delay_s": autoscaling.upscale_delay_s,
+            "downscale_delay_s": autoscaling.downscale_delay_s,
+            "look_back_period_s": autoscaling.look_back_period_s,
         }
     return options
 

@@ -171,12 +171,29 @@ class ParallelismSettings(StrictModel):
 
 
 class AutoscalingSettings(StrictModel):
-    """Ray Serve autoscaling on ongoing requests per replica."""
+    """Ray Serve autoscaling on ongoing requests per replica. The delays are long by default
+    because a replica is expensive to start (an engine loads its weights for tens of seconds to
+    minutes): a short burst should not start one, a short lull should not stop one."""
 
-    min_replicas: int = Field(default=1, ge=0, description="Fewest replicas (0 scales to zero).")
+    min_replicas: int = Field(
+        default=1, ge=0, description="Fewest replicas; 0 scales to zero (the first request waits "
+        "for a replica to start)."
+    )
     max_replicas: int = Field(default=1, ge=1, description="Most replicas.")
     target_ongoing_requests: float | None = Field(
-        default=None, gt=0, description="Ongoing requests per replica to aim for; None: derived."
+        default=None,
+        gt=0,
+        description="Ongoing requests per replica to aim for; None: 0.75 x engine.max_num_seqs, "
+        "so a new replica starts before the engine's batch is full.",
+    )
+    upscale_delay_s: float = Field(
+        default=30.0, ge=0, description="How long demand must stay above target before scaling up."
+    )
+    downscale_delay_s: float = Field(
+        default=600.0, ge=0, description="How long demand must stay below target before scaling down."
+    )
+    look_back_period_s: float = Field(
+        default=30.0, gt=0, description="Window over which ongoing requests are averaged."
     )
 
     @model_validator(mode="after")

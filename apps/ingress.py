@@ -3,6 +3,7 @@
     POST /v1/chat/completions, POST /v1/completions   streaming (SSE) or not
     GET  /v1/models                                   the served model ids
     GET  /health                                      200 only when every model has a live replica
+                                                      (models that may scale to zero excepted)
 
 A request's way through `_forward`:
 
@@ -164,6 +165,9 @@ class Ingress:
             return JSONResponse(error_body(error), status_code=error.status)
         not_ready = []
         for model_id, handle in self._models.items():
+            autoscaling = self._routes[model_id].config.replicas.autoscaling
+            if autoscaling is not None and autoscaling.min_replicas == 0:
+                continue  # scaled to zero on purpose: the next request starts a replica
             application = status.applications.get(handle.app_name)
             deployment = application.deployments.get(handle.deployment_name) if application else None
             if deployment is None or not deployment.replica_states.get(ReplicaState.RUNNING, 0):

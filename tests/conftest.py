@@ -3,6 +3,7 @@ stand-in checkpoints."""
 
 from __future__ import annotations
 
+import glob
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,6 +60,13 @@ def serve_app(
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def replica_log_lines(deployment: str) -> dict[str, list[str]]:
+    """Each replica's log lines of a deployment of the app "llm", by log file (Serve writes one
+    per replica under the current Ray session, and keeps it after the replica stops)."""
+    pattern = f"/tmp/ray/session_latest/logs/serve/replica_llm_{deployment}_*.log"
+    return {path: Path(path).read_text(errors="replace").splitlines() for path in sorted(glob.glob(pattern))}
 
 
 @pytest.fixture

@@ -10,13 +10,11 @@ speculative decoding), auth on with two keys, one of them limited to 2 requests 
 from __future__ import annotations
 
 import asyncio
-import glob
 import json
 import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from apps.auth import key_hash
-from tests.conftest import ROOT, app_args, serve_app
+from tests.conftest import ROOT, app_args, replica_log_lines, serve_app
 
 PORT = 18460
 METRICS_PORT = 18461
@@ -345,7 +343,7 @@ def test_every_metric_the_dashboard_queries_is_exported(samples):
 
 def test_each_model_replica_logs_its_warm_up_and_its_first_requests_ttft(workload):
     for model in ("tiny-chat", "tiny-ngram"):
-        lines = replica_log_lines(f"model-{model}")
+        (lines,) = replica_log_lines(f"model-{model}").values()
         warmed = [i for i, line in enumerate(lines) if f"Model {model} warmed up:" in line]
         first = [i for i, line in enumerate(lines) if f"Model {model}: first client request's" in line]
         assert len(warmed) == 1 and len(first) == 1, (model, warmed, first)
@@ -353,13 +351,5 @@ def test_each_model_replica_logs_its_warm_up_and_its_first_requests_ttft(workloa
         assert re.search(r"first bytes after \d+ ms", lines[first[0]]), lines[first[0]]
 
 
-def replica_log_lines(deployment: str) -> list[str]:
-    """A deployment's replica log lines (Serve writes each replica's log under the session)."""
-    lines: list[str] = []
-    for path in glob.glob(f"/tmp/ray/session_latest/logs/serve/replica_llm_{deployment}_*.log"):
-        lines += Path(path).read_text(errors="replace").splitlines()
-    return lines
-
-
 def ingress_log_lines() -> list[str]:
-    return replica_log_lines("ingress")
+    return [line for lines in replica_log_lines("ingress").values() for line in lines]

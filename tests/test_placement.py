@@ -102,7 +102,14 @@ def test_deployment_options_autoscaling_and_kv_cache_env():
     )
     options = model_deployment_options(model)
     assert "num_replicas" not in options
-    assert options["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 24.0}
+    assert options["autoscaling_config"] == {
+        "min_replicas": 0,
+        "max_replicas": 3,
+        "target_ongoing_requests": 24.0,
+        "upscale_delay_s": 30.0,
+        "downscale_delay_s": 600.0,
+        "look_back_period_s": 30.0,
+    }
     assert options["max_ongoing_requests"] == 40
     assert options["ray_actor_options"]["runtime_env"]["env_vars"] == {"VLLM_CPU_KVCACHE_SPACE": "2"}
 
@@ -124,3 +131,35 @@ def test_engine_args_follow_the_config_and_the_placement():
     assert (args.tensor_parallel_size, args.distributed_executor_backend) == (2, "mp")
     assert (args.max_num_seqs, args.stream_interval, args.enforce_eager) == (32, 4, True)
     assert args.enable_prefix_caching is True and args.disable_log_stats is False
+
+
+def test_autoscaling_defaults_come_from_the_engine_batch_and_serve_accepts_them(make_checkpoint):
+    from ray.serve.config import AutoscalingConfig
+
+    model = ModelConfig(
+        id="m",
+        path=make_checkpoint(),
+        engine={"max_num_seqs": 64},
+        replicas={"autoscaling": {"min_replicas": 0, "max_replicas": 4}},
+    )
+    options = model_deployment_options(model)
+    assert options["max_ongoing_requests"] == 80, "1.25 x max_num_seqs keeps the next batch ready"
+    scaling = AutoscalingConfig(**options["autoscaling_config"])  # Serve's own validation
+    assert (scaling.min_replicas, scaling.max_replicas) == (0, 4)
+    assert scaling.target_ongoing_requests == 48, "0.75 x max_num_seqs: scale before the batch is full"
+    assert (scaling.upscale_delay_s, scaling.downscale_delay_s, scaling.look_back_period_s) == (30, 600, 30)
+
+
+def test_every_autoscaling_knob_can_be_overridden(make_checkpoint):
+    knobs = {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 2.5,
+        "upscale_delay_s": 1,
+        "downscale_delay_s": 5,
+        "look_back_period_s": 2,
+    }
+    model = ModelConfig(id="m", path=make_checkpoint(), replicas={"autoscaling": knobs, "max_ongoing_requests": 4})
+    options = model_deployment_options(model)
+    assert options["autoscaling_config"] == knobs
+    assert options["max_ongoing_requests"] == 4
