@@ -64,6 +64,15 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
     }
+    routing = model.replicas.routing
+    if routing.policy == "prefix_affinity":
+        options["request_router_config"] = {
+            "request_router_class": "apps.routing:PrefixAffinityRouter",
+            "request_router_kwargs": {
+                "prefix_chars": routing.prefix_chars,
+                "max_imbalance": routing.max_imbalance,
+            },
+        }
     autoscaling = model.replicas.autoscaling
     if autoscaling is None:
         options["num_replicas"] = model.replicas.num_replicas

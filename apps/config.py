@@ -205,6 +205,29 @@ class AutoscalingSettings(StrictModel):
         return self
 
 
+class RoutingSettings(StrictModel):
+    """How the ingress picks one of the model's replicas for a request (`apps.routing`)."""
+
+    policy: Literal["prefix_affinity", "power_of_two"] = Field(
+        default="prefix_affinity",
+        description="prefix_affinity: prompts that start alike go to the same replica (its prefix "
+        "cache holds them) unless it is much busier; power_of_two: Serve's default, the less "
+        "loaded of two random replicas.",
+    )
+    prefix_chars: int = Field(
+        default=512,
+        ge=16,
+        description="Leading prompt characters that must be identical to share a replica "
+        "(about 128 tokens: shorter shared starts save little prefill).",
+    )
+    max_imbalance: float = Field(
+        default=0.25,
+        ge=0,
+        description="The preferred replica is passed over when it has this share of "
+        "max_ongoing_requests more requests than the least loaded one.",
+    )
+
+
 class ReplicaSettings(StrictModel):
     """How many copies of the model's engine run, and how much each may take on."""
 
@@ -216,6 +239,9 @@ class ReplicaSettings(StrictModel):
         default=None,
         ge=1,
         description="Requests Serve sends one replica at once; None: derived from max_num_seqs.",
+    )
+    routing: RoutingSettings = Field(
+        default_factory=RoutingSettings, description="How a request picks a replica."
     )
     max_queued_requests: int | None = Field(
         default=None,

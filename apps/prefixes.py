@@ -94,7 +94,7 @@ def prompt_start(body: Mapping[str, Any], endpoint: Endpoint) -> str:
     for message in messages if isinstance(messages, list) else []:
         if _role(message) not in SYSTEM_ROLES:
             break
-        parts.append(_text(message.get("content")))
+        parts.append(message_text(message.get("content")))
     return "\n".join(parts)[:SYSTEM_SCAN_CHARS]
 
 
@@ -154,7 +154,7 @@ def _role(message: Any) -> Any:
     return message.get("role") if isinstance(message, dict) else None
 
 
-def _text(content: Any) -> str:
+def message_text(content: Any) -> str:
     """A message's text: a string, or the text parts of a list of content parts."""
     if isinstance(content, str):
         return content
