@@ -16,6 +16,7 @@ import pytest
 import ray
 from ray import serve
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from apps.builder import deployment_name, model_deployment_options, unplaceable_models
 from apps.config import AppConfig
@@ -43,6 +44,26 @@ class PlacementProbe:
     def placement_group_id(self) -> str:
         return ray.get_runtime_context().get_placement_group_id()
 
+    def bundle_gpus(self) -> list[tuple[str, str]]:
+        """(node, GPU id) that a one-GPU task in each bundle of this replica's group is given,
+        as vLLM's tensor-parallel workers are."""
+        group = ray.util.get_current_placement_group()
+        tasks = [
+            _gpu_of_bundle.options(
+                num_gpus=1,
+                num_cpus=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+            ).remote()
+            for i in range(len(group.bundle_specs))
+        ]
+        return ray.get(tasks)
+
+
+@ray.remote
+def _gpu_of_bundle() -> tuple[str, str]:
+    (gpu,) = ray.get_gpu_ids()
+    return ray.get_runtime_context().get_node_id(), str(gpu)
+
 
 @pytest.fixture(scope="module")
 def gpu_cluster() -> Iterator[Cluster]:
@@ -66,8 +87,9 @@ def gpu_cluster() -> Iterator[Cluster]:
             os.environ["RAY_SERVE_SLOW_STARTUP_WARNING_S"] = previous
 
 
-def probe_app(config: AppConfig, model_id: str) -> serve.Application:
+def probe_app(config: AppConfig, model_id: str, num_replicas: int = 1) -> serve.Application:
     options = model_deployment_options(next(m for m in config.models if m.id == model_id))
+    options["num_replicas"] = num_replicas
     return serve.deployment(PlacementProbe).options(**options).bind()
 
 
@@ -86,6 +108,38 @@ def test_tp4_replica_lands_all_bundles_on_one_gpu_node(gpu_cluster):
     gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")}
     assert nodes <= gpu_nodes
     assert unplaceable_models(config) == {}
+
+
+def test_models_sharing_nodes_get_their_own_gpus(gpu_cluster):
+    """TP 4, TP 2 and two TP 1 replicas fill the two 4-GPU nodes: every bundle holds a GPU no
+    other replica holds, and at least one node serves more than one model."""
+    config = gpu_config(4, 2, 1)
+    handles = {}
+    for model_id, replicas in (("tp4", 1), ("tp2", 1), ("tp1", 2)):
+        app = probe_app(config, model_id, num_replicas=replicas)
+        handles[model_id] = serve.run(app, name=model_id, route_prefix=None)
+    try:
+        held: dict[tuple[str, str], str] = {}
+        models_per_node: dict[str, set[str]] = {}
+        for model_id, handle in handles.items():
+            replicas = 2 if model_id == "tp1" else 1
+            seen_groups: set[str] = set()
+            for _ in range(100):  # ask until every replica has answered
+                if len(seen_groups) == replicas:
+                    break
+                group = handle.placement_group_id.remote().result(timeout_s=60)
+                if group in seen_groups:
+                    continue
+                seen_groups.add(group)
+                for node_gpu in handle.bundle_gpus.remote().result(timeout_s=60):
+                    assert node_gpu not in held, f"{model_id} shares GPU {node_gpu} with {held[node_gpu]}"
+                    held[node_gpu] = model_id
+                    models_per_node.setdefault(node_gpu[0], set()).add(model_id)
+    finally:
+        for model_id in handles:
+            serve.delete(model_id)
+    assert len(held) == 4 + 2 + 1 + 1, f"not every replica answered: {held}"
+    assert any(len(models) > 1 for models in models_per_node.values()), models_per_node
 
 
 def test_tp8_replica_is_reported_unplaceable_not_pending_silently(gpu_cluster):
