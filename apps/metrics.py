@@ -100,8 +100,9 @@ class IngressMetrics:
 
 
 class ModelServerMetrics:
-    """What a model server records: tokens, counted at the engine, so that requests a client
-    left or that failed count exactly too."""
+    """What a model server records: tokens, counted at the engine, so that a stream a client
+    left or that failed counts what it generated (a non-streaming request's output tokens are
+    known only when it finishes: cut short, only its prompt counts)."""
 
     def __init__(self) -> None:
         self.prompt_tokens = metrics.Counter(
