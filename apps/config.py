@@ -193,7 +193,10 @@ class AutoscalingSettings(StrictModel):
         default=600.0, ge=0, description="How long demand must stay below target before scaling down."
     )
     look_back_period_s: float = Field(
-        default=30.0, gt=0, description="Window over which ongoing requests are averaged."
+        default=30.0,
+        gt=10,
+        description="Window over which ongoing requests are averaged; longer than Serve's 10 s "
+        "metrics interval (Serve warns otherwise, and will refuse it).",
     )
 
     @model_validator(mode="after")

@@ -31,7 +31,7 @@ AUTOSCALING = {
     "target_ongoing_requests": 2,
     "upscale_delay_s": 1,
     "downscale_delay_s": 5,
-    "look_back_period_s": 2,
+    "look_back_period_s": 11,
 }
 HEAVY_CLIENTS = 8  # about 8 ongoing: 4 per replica at 1 replica, above target
 LIGHT_CLIENTS = 1  # below target even at 1 replica: scales back down, still serving

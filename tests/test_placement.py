@@ -157,7 +157,7 @@ def test_every_autoscaling_knob_can_be_overridden(make_checkpoint):
         "target_ongoing_requests": 2.5,
         "upscale_delay_s": 1,
         "downscale_delay_s": 5,
-        "look_back_period_s": 2,
+        "look_back_period_s": 11,
     }
     model = ModelConfig(id="m", path=make_checkpoint(), replicas={"autoscaling": knobs, "max_ongoing_requests": 4})
     options = model_deployment_options(model)
