@@ -200,7 +200,7 @@ class RelayResponse(StreamingResponse):
                 timer.cancel()
             if not self._finished:
                 self._stream.cancel()
-            self._on_close(self._end or StreamEnd(CLIENT_CLOSED_REQUEST, "client_closed_request"))
+            self._on_close(self._end or StreamEnd(CLIENT_CLOSED_REQUEST))  # not an error answer
 
     def _expire(self) -> None:
         if not self._finished:

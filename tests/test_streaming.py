@@ -1,6 +1,7 @@
 """Coalescing contract: the first event leaves at once, events that are ready together travel
 together, nothing is lost or reordered, errors surface, and a consumer that leaves closes the
-source (which is how an engine request gets aborted)."""
+source (which is how an engine request gets aborted). And how the ingress's relay reports a
+stream's end (status, error code, usage) for the metrics and the access log."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import asyncio
 import pytest
 
 from apps.errors import EngineRejected
-from apps.streaming import coalesce, first_event_error, translate_error_events
+from apps.streaming import (
+    LastChunk,
+    RelayResponse,
+    StreamEnd,
+    coalesce,
+    first_event_error,
+    translate_error_events,
+)
+from apps.usage import Usage
 
 
 async def collect(source):
@@ -118,3 +127,78 @@ def test_error_events_inside_a_stream_use_openai_error_format():
     )
     plain = b'data: {"content": "\\"error\\""}\n\n'
     assert translate_error_events(plain) is plain
+
+
+# --- how a relayed stream's end is reported (RelayResponse) -----------------------------------
+
+
+class FakeModelStream:
+    """Stands in for the model call's response generator: chunks, then an optional failure."""
+
+    def __init__(self, chunks, fail: Exception | None = None) -> None:
+        self._chunks = list(chunks)
+        self._fail = fail
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._chunks:
+            await asyncio.sleep(0)
+            return self._chunks.pop(0)
+        if self._fail is not None:
+            raise self._fail
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def relay(stream: FakeModelStream, *, client_leaves: bool = False) -> tuple[list, bytes]:
+    """Run a RelayResponse over `stream`; the StreamEnd(s) reported and the bytes sent."""
+    ends: list = []
+    sent: list[bytes] = []
+    response = RelayResponse(b"data: first\n\n", stream, "m", headers={}, deadline=None, on_close=ends.append)
+
+    async def receive():
+        await asyncio.sleep(3600)  # the client stays (Starlette listens for a disconnect)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            sent.append(message.get("body", b""))
+            if client_leaves and len(sent) == 2:
+                raise OSError("client gone")
+
+    async def main():
+        try:
+            await response({"type": "http", "method": "POST", "path": "/"}, receive, send)
+        except OSError:
+            pass
+
+    asyncio.run(main())
+    return ends, b"".join(sent)
+
+
+def test_a_completed_stream_reports_200_and_the_usage_of_its_last_chunk():
+    usage = Usage(prompt_tokens=5, completion_tokens=3)
+    stream = FakeModelStream([b"data: x\n\n", LastChunk(b"data: [DONE]\n\n", usage)])
+    ends, body = relay(stream)
+    assert ends == [StreamEnd(200, None, usage)]
+    assert body == b"data: first\n\ndata: x\n\ndata: [DONE]\n\n"
+    assert not stream.cancelled
+
+
+def test_a_stream_that_fails_reports_the_errors_status_and_code():
+    stream = FakeModelStream([b"data: x\n\n"], fail=RuntimeError("replica died"))
+    ends, body = relay(stream)
+    assert [(end.status, end.code) for end in ends] == [(500, "internal_error")]
+    assert body.endswith(b"data: [DONE]\n\n") and b'"error"' in body
+
+
+def test_a_client_that_leaves_is_a_499_without_an_error_code_and_cancels_the_model_call():
+    stream = FakeModelStream([b"data: x\n\n", b"data: y\n\n", LastChunk(b"data: [DONE]\n\n", Usage())])
+    ends, _ = relay(stream, client_leaves=True)
+    assert ends == [StreamEnd(499)]
+    assert stream.cancelled
