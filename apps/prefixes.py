@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from apps.errors import InvalidRequest
-from apps.validation import Endpoint
+from apps.validation import Endpoint, completion_prompts, message_text
 
 logger = logging.getLogger("ray.serve")
 SYSTEM_PROMPT_FIELD = "system_prompt"
@@ -85,10 +85,8 @@ def prompt_start(body: Mapping[str, Any], endpoint: Endpoint) -> str:
     """The start of a request's prompt that should be the same across requests: a chat's
     leading system messages, a completion prompt's first characters."""
     if endpoint == "completion":
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt:
-            prompt = prompt[0]
-        return prompt[:COMPLETION_SCAN_CHARS] if isinstance(prompt, str) else ""
+        first = completion_prompts(body.get("prompt"))[0]
+        return first[:COMPLETION_SCAN_CHARS] if isinstance(first, str) else ""
     messages = body.get("messages")
     parts: list[str] = []
     for message in messages if isinstance(messages, list) else []:
@@ -152,19 +150,6 @@ class VolatilePrefixWatch:
 
 def _role(message: Any) -> Any:
     return message.get("role") if isinstance(message, dict) else None
-
-
-def message_text(content: Any) -> str:
-    """A message's text: a string, or the text parts of a list of content parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
 
 
 def _invalid(message: str, code: str | None = None) -> InvalidRequest:

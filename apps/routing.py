@@ -21,7 +21,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from apps.prefixes import message_text
+from apps.validation import completion_prompts, message_text
 
 # The prompt's start that must be identical for two requests to share a replica: about 128
 # tokens, 8 KV blocks of 16. Shorter shared starts save little prefill.
@@ -81,9 +81,7 @@ def prompt_prefix(request: PendingRequest, chars: int) -> str:
 
 
 def prompt_text(body: dict[str, Any], chars: int) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        prompt = prompt[0]
+    prompt = completion_prompts(body.get("prompt"))[0]
     if isinstance(prompt, str):
         return prompt[:chars]
     parts: list[str] = []

@@ -126,10 +126,10 @@ def _prompt_count(body: Mapping[str, Any], endpoint: Endpoint) -> int:
     """Prompts in one request: a completion may batch several, each with its own n choices."""
     if endpoint == "chat":
         return 1
-    return len(_prompts(body.get("prompt")))
+    return len(completion_prompts(body.get("prompt")))
 
 
-def _prompts(prompt: Any) -> list[Any]:
+def completion_prompts(prompt: Any) -> list[Any]:
     """A completion's prompts: a string or token-id list is one; a list of them is several."""
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         return prompt
@@ -143,10 +143,10 @@ def prompt_estimate(body: Mapping[str, Any], endpoint: Endpoint) -> int:
         messages = body.get("messages")
         if not isinstance(messages, list):
             return 0
-        chars = sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict))
+        chars = sum(len(message_text(m.get("content"))) for m in messages if isinstance(m, dict))
         return math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages)
     total = 0
-    for item in _prompts(body.get("prompt")):
+    for item in completion_prompts(body.get("prompt")):
         if isinstance(item, str):
             total += math.ceil(len(item) / CHARS_PER_TOKEN)
         elif isinstance(item, list):  # token ids
@@ -154,17 +154,15 @@ def prompt_estimate(body: Mapping[str, Any], endpoint: Endpoint) -> int:
     return total
 
 
-def _text_chars(content: Any) -> int:
-    """Characters of a message's text, whether a string or a list of content parts."""
+def message_text(content: Any) -> str:
+    """A message's text: a string, or the text parts of a list of content parts."""
     if isinstance(content, str):
-        return len(content)
+        return content
     if isinstance(content, list):
-        return sum(
-            len(part["text"])
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        return "".join(
+            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
         )
-    return 0
+    return ""
 
 
 def _check_messages(messages: Any) -> None:
