@@ -69,6 +69,16 @@ def replica_log_lines(deployment: str) -> dict[str, list[str]]:
     return {path: Path(path).read_text(errors="replace").splitlines() for path in sorted(glob.glob(pattern))}
 
 
+def warm_up_and_first_request(lines: list[str], model_id: str) -> tuple[str, str]:
+    """A model replica's log lines saying it warmed up and when its first client request got its
+    first bytes; fails unless there is one of each, in that order."""
+    warmed = [i for i, line in enumerate(lines) if f"Model {model_id} warmed up:" in line]
+    first = [i for i, line in enumerate(lines) if f"Model {model_id}: first client request's" in line]
+    assert len(warmed) == 1 and len(first) == 1, (model_id, warmed, first)
+    assert warmed[0] < first[0], f"a replica of {model_id} served before it was warm"
+    return lines[warmed[0]], lines[first[0]]
+
+
 @pytest.fixture
 def make_checkpoint(tmp_path: Path):
     """A directory with just a config.json: enough for config validation, no weights."""

@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from apps.auth import key_hash
-from tests.conftest import ROOT, app_args, replica_log_lines, serve_app
+from tests.conftest import ROOT, app_args, replica_log_lines, serve_app, warm_up_and_first_request
 
 PORT = 18460
 METRICS_PORT = 18461
@@ -344,11 +344,8 @@ def test_every_metric_the_dashboard_queries_is_exported(samples):
 def test_each_model_replica_logs_its_warm_up_and_its_first_requests_ttft(workload):
     for model in ("tiny-chat", "tiny-ngram"):
         (lines,) = replica_log_lines(f"model-{model}").values()
-        warmed = [i for i, line in enumerate(lines) if f"Model {model} warmed up:" in line]
-        first = [i for i, line in enumerate(lines) if f"Model {model}: first client request's" in line]
-        assert len(warmed) == 1 and len(first) == 1, (model, warmed, first)
-        assert warmed[0] < first[0], "warm-up ends before the first client request"
-        assert re.search(r"first bytes after \d+ ms", lines[first[0]]), lines[first[0]]
+        _, first = warm_up_and_first_request(lines, model)
+        assert re.search(r"first bytes after \d+ ms", first), first
 
 
 def ingress_log_lines() -> list[str]:
