@@ -31,6 +31,8 @@ DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_TOKENS_CAP = 512
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 DEFAULT_MAX_NUM_SEQS = 64
+# Stream messages a model replica sends per engine step before tokens start to travel in groups.
+DEFAULT_STREAM_MESSAGES_PER_STEP = 8
 DEFAULT_INGRESS_MAX_ONGOING_REQUESTS = 1024
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
@@ -252,6 +254,17 @@ class ReplicaSettings(StrictModel):
         description=(
             "Requests each ingress replica may queue for this model while every replica is full "
             "or none is running; more get 503. None: twice max_ongoing_requests."
+        ),
+    )
+    stream_messages_per_step: int | None = Field(
+        default=DEFAULT_STREAM_MESSAGES_PER_STEP,
+        ge=1,
+        description=(
+            "Under load, about how many stream messages a replica sends per engine step. With more "
+            "streams open than this, tokens after a stream's first travel in groups of "
+            "ceil(streams / this), one token per engine step, so the gateway's per-message work "
+            "does not starve the engine. None: every token is its own message. See "
+            "docs/BENCHMARKS.md."
         ),
     )
 

@@ -45,6 +45,7 @@ from apps.streaming import (
     ResponseHead,
     coalesce,
     error_head,
+    events_per_message,
     first_event_error,
     translate_error_events,
 )
@@ -130,6 +131,7 @@ class ModelServer:
         restore_serve_logging()
         await warm_up(model, self._serving, self._request_types)
         self._first_request_logged = False
+        self._open_streams = 0
         logger.info("Model %s ready: %s", model.id, placement)
 
     async def generate(
@@ -180,7 +182,8 @@ class ModelServer:
             await settle.wait()
             yield ResponseHead(200, JSON_MEDIA_TYPE, result.model_dump_json().encode(), usage)
             return
-        chunks = coalesce(result)
+        chunks = coalesce(result, self._events_per_message)
+        self._open_streams += 1
         try:
             try:
                 first = await anext(chunks)
@@ -209,7 +212,11 @@ class ModelServer:
                 failure = self._engine_failure(exc)
                 yield LastChunk(error_event(failure), usage, failure.status, failure.code)
         finally:
+            self._open_streams -= 1
             await chunks.aclose()
+
+    def _events_per_message(self) -> int:
+        return events_per_message(self._open_streams, self._model.replicas.stream_messages_per_step)
 
     async def _start(self, endpoint: Endpoint, body: dict[str, Any]) -> BaseModel | AsyncIterator[str]:
         """Validate with vLLM's protocol model and submit; the stream or the full response."""

@@ -6,10 +6,12 @@ ingress thus knows the status before it sends a byte, moves bytes without parsin
 re-serialising JSON, and learns the request's token usage from the head (a whole answer) or the
 last chunk (a stream) without an extra message.
 
-Every Ray message costs CPU on both sides, so `coalesce` sends each SSE event as soon as it is
-ready, and whatever events pile up while a message is in flight travel together as the next one.
-There is no timer: at low load every token is its own message (lowest TTFT and inter-token
-latency), under load the message count drops by itself.
+Every message costs CPU on every hop (model server, ingress, HTTP), CPU the engine then lacks.
+`coalesce` sends the first event at once and joins whatever events are ready together. Under load
+it also bounds the replica's message rate: with S streams open and a budget of M messages per
+engine step, each stream's later messages carry at least ceil(S / M) events (one per engine step),
+so the hops' work stays a bounded share of the engine's. There is no timer: at S <= M every token
+is its own message (lowest inter-token latency); above, tokens arrive in small groups.
 """
 
 from __future__ import annotations
@@ -112,13 +114,23 @@ class _EndOfStream:
 _END = _EndOfStream()
 
 
-async def coalesce(events: AsyncIterator[str]) -> AsyncIterator[bytes]:
+def events_per_message(open_streams: int, messages_per_step: int | None) -> int:
+    """Fewest events a stream's next message waits for: 1, or ceil(streams / budget) above it."""
+    if messages_per_step is None or open_streams <= messages_per_step:
+        return 1
+    return -(-open_streams // messages_per_step)
+
+
+async def coalesce(
+    events: AsyncIterator[str], group_size: Callable[[], int] = lambda: 1
+) -> AsyncIterator[bytes]:
     """Yield the events of `events` as bytes, joining those that are ready at the same time.
 
     A background task drains `events` into a queue, so the engine's generator keeps running while
-    the consumer is busy sending; each `yield` takes everything queued so far. When the consumer
-    stops early (closed, or its task cancelled because the client left), the drain task is
-    cancelled: the CancelledError raised inside vLLM's generator makes vLLM abort the request.
+    the consumer is busy sending; each `yield` takes everything queued so far. After the first
+    message, each waits until it holds `group_size()` events or the stream has ended. When the
+    consumer stops early (closed, or its task cancelled because the client left), the drain task
+    is cancelled: the CancelledError raised inside vLLM's generator makes vLLM abort the request.
     """
     queue: asyncio.Queue[str | BaseException | _EndOfStream] = asyncio.Queue()
 
@@ -138,11 +150,18 @@ async def coalesce(events: AsyncIterator[str]) -> AsyncIterator[bytes]:
             queue.put_nowait(_END)
 
     task = asyncio.create_task(drain())
+    wanted = 1  # the first message goes as soon as anything is ready
     try:
         while True:
             items = [await queue.get()]
-            while not queue.empty():
-                items.append(queue.get_nowait())
+            while True:
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                # The queue's last item is the only one that can end the stream.
+                if not isinstance(items[-1], str) or len(items) >= wanted:
+                    break
+                items.append(await queue.get())
+            wanted = group_size()
             ready = [item for item in items if isinstance(item, str)]
             if ready:
                 yield "".join(ready).encode()

@@ -6,6 +6,7 @@ stream's end (status, error code, usage) for the metrics and the access log."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -15,6 +16,7 @@ from apps.streaming import (
     RelayResponse,
     StreamEnd,
     coalesce,
+    events_per_message,
     first_event_error,
     translate_error_events,
 )
@@ -42,6 +44,46 @@ def test_slow_events_are_sent_one_by_one():
             yield f"e{i}"
 
     assert asyncio.run(collect(trickle())) == [b"e0", b"e1", b"e2"]
+
+
+def test_under_load_later_messages_wait_for_a_group_of_events():
+    async def engine_steps():
+        for i in range(7):
+            await asyncio.sleep(0.005)  # one event per engine step
+            yield f"e{i}"
+
+    async def run():
+        return [chunk async for chunk in coalesce(engine_steps(), group_size=lambda: 3)]
+
+    # The first event alone (time to first token), then groups of 3; the end flushes the rest.
+    assert asyncio.run(run()) == [b"e0", b"e1e2e3", b"e4e5e6"]
+
+
+def test_a_group_is_cut_short_by_the_end_of_the_stream_or_an_error():
+    async def short(fail: bool):
+        for i in range(3):
+            await asyncio.sleep(0.005)
+            yield f"e{i}"
+        if fail:
+            raise RuntimeError("engine died")
+
+    async def run(fail: bool):
+        received = []
+        with contextlib.suppress(RuntimeError):
+            async for chunk in coalesce(short(fail), group_size=lambda: 8):
+                received.append(chunk)
+        return received
+
+    assert asyncio.run(run(fail=False)) == [b"e0", b"e1e2"]
+    assert asyncio.run(run(fail=True)) == [b"e0", b"e1e2"]
+
+
+@pytest.mark.parametrize(
+    ("open_streams", "budget", "expected"),
+    [(1, 8, 1), (8, 8, 1), (9, 8, 2), (32, 8, 4), (33, 8, 5), (64, None, 1), (1, 1, 1), (3, 1, 3)],
+)
+def test_events_per_message_grows_with_the_streams_above_the_budget(open_streams, budget, expected):
+    assert events_per_message(open_streams, budget) == expected
 
 
 def test_source_error_is_raised_after_events_before_it():
