@@ -221,22 +221,29 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     models = [args.model, args.compare_model or args.model]
     keys = [args.api_key, args.compare_api_key or args.api_key]
     # One label per endpoint, "URL model": A and B may be two models behind one gateway, or one
-    # model called with two keys.
+    # model called with two keys, or one model sent two workloads.
+    # B may get another workload of the same seed (shaped vs unshaped: the same conversations).
+    workloads = [args.workload, args.compare_workload or args.workload]
     labels = [f"{url} {model}" for url, model in zip(urls, models)]
+    if len(labels) == 2 and workloads[0] != workloads[1]:
+        labels = [f"{label} {workload}" for label, workload in zip(labels, workloads)]
     if len(labels) == 2 and labels[0] == labels[1]:
         labels = [f"{labels[0]} [A]", f"{labels[1]} [B]"]
-    specs = make_workload(
-        args.workload,
-        args.num_requests,
-        seed=args.seed,
-        input_len=args.input_len,
-        output_len=args.output_len,
-        num_prefixes=args.num_prefixes,
-        prefix_len=args.prefix_len,
-    )
+    specs = [
+        make_workload(
+            workload,
+            max(requests_at(rate, args) for rate in args.rates),
+            seed=args.seed,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            num_prefixes=args.num_prefixes,
+            prefix_len=args.prefix_len,
+        )
+        for workload in workloads[: len(urls)]
+    ]
     if args.warmup:
-        warm = make_workload(args.workload, args.warmup, seed=args.seed + 1, input_len=args.input_len, output_len=8)
-        for url, model, key in zip(urls, models, keys):
+        for url, model, key, workload in zip(urls, models, keys, workloads):
+            warm = make_workload(workload, args.warmup, seed=args.seed + 1, input_len=args.input_len, output_len=8)
             await run_load(
                 url, model, warm, rate=math.inf, concurrency=min(args.concurrency, args.warmup), api_key=key
             )
@@ -246,13 +253,13 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         per_endpoint: list[list[list[RequestResult]]] = [[] for _ in urls]
         elapsed = [0.0 for _ in urls]
         rounds = args.rounds if args.compare else 1
-        chunk = math.ceil(len(specs) / rounds)
+        chunk = math.ceil(requests_at(rate, args) / rounds)
         for round_index in range(rounds):
-            part = specs[round_index * chunk : (round_index + 1) * chunk]
             order = list(range(len(urls)))
             if round_index % 2:
                 order.reverse()  # A,B then B,A: neither endpoint always runs on a warmer machine
             for i in order:
+                part = specs[i][round_index * chunk : (round_index + 1) * chunk]
                 results, seconds = await run_load(
                     urls[i], models[i], part, rate=rate, concurrency=args.concurrency,
                     burstiness=args.burstiness, seed=args.seed + round_index, progress=args.progress,
@@ -268,7 +275,33 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         if args.compare:
             run["ratio_b_over_a"] = ratio_table(summaries[0], summaries[1])
         runs.append(run)
-    return {"config": _jsonable(vars(args)), "machine": _machine(), "runs": runs}
+    report: dict[str, Any] = {"config": _jsonable(vars(args)), "machine": _machine(), "runs": runs}
+    if len(runs) > 1:
+        report["sustainable_rate"] = {
+            label: sustainable_rate(runs, label, args.slo_ttft_ms) for label in labels
+        }
+    return report
+
+
+def requests_at(rate: float, args: argparse.Namespace) -> int:
+    """Requests sent to each endpoint at `rate`: --num-requests, or with --seconds-per-rate enough
+    arrivals for that many seconds, so a sweep's high rates run long enough to reach steady state."""
+    if args.seconds_per_rate is None or math.isinf(rate):
+        return args.num_requests
+    return max(args.num_requests, math.ceil(rate * args.seconds_per_rate))
+
+
+def sustainable_rate(runs: list[dict[str, Any]], label: str, slo_ttft_ms: float) -> float:
+    """The highest swept request rate at which endpoint `label` answered every request and kept
+    its p95 TTFT within the SLO (0 if none did). A rate above a failing one does not count: past
+    saturation a lucky round must not pass for capacity."""
+    best = 0.0
+    for run in sorted(runs, key=lambda run: math.inf if run["rate"] == "inf" else run["rate"]):
+        summary = run["endpoints"][label]
+        if run["rate"] == "inf" or summary["errors"] or not summary["ttft_ms"]["p95"] <= slo_ttft_ms:
+            break
+        best = float(run["rate"])
+    return best
 
 
 def _machine() -> dict[str, Any]:
@@ -325,6 +358,11 @@ def print_report(report: dict[str, Any]) -> None:
             )
         for name, value in run.get("ratio_b_over_a", {}).items():
             print(f"    B/A {name}: {value:.3f}")
+    if "sustainable_rate" in report:
+        slo = report["config"]["slo_ttft_ms"]
+        print(f"\nsustainable request rate (every request answered, TTFT p95 <= {slo:.0f} ms):")
+        for label, rate in report["sustainable_rate"].items():
+            print(f"  {label}: {rate:g} req/s")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -336,12 +374,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", help="sent as `Authorization: Bearer KEY` to endpoint A")
     parser.add_argument("--compare-api-key", help="key for endpoint B (default: --api-key)")
     parser.add_argument("--workload", choices=WORKLOADS, default="random")
+    parser.add_argument("--compare-workload", choices=WORKLOADS, help="workload of endpoint B (default: --workload)")
     parser.add_argument("--num-requests", type=int, default=100)
     parser.add_argument("--input-len", type=int, default=128, help="prompt length in words")
     parser.add_argument("--output-len", type=int, default=128, help="max_tokens (exact, ignore_eos)")
     parser.add_argument("--num-prefixes", type=int, default=4, help="faq: shared prefixes")
     parser.add_argument("--prefix-len", type=int, default=256, help="faq: prefix length in words")
     parser.add_argument("--rates", default="inf", help="comma-separated request rates (req/s); inf = closed loop")
+    parser.add_argument(
+        "--seconds-per-rate", type=float, help="open loop: at each rate, send rate x this many requests (at least --num-requests)"
+    )
     parser.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 burstier")
     parser.add_argument("--concurrency", type=int, default=32, help="most requests in flight")
     parser.add_argument("--warmup", type=int, default=4, help="requests per endpoint before measuring")

@@ -4,8 +4,11 @@
 - `faq`: N shared prefixes x M suffixes (vLLM's prefix_repetition idea): prefix caching's case.
 - `chat`: a mix of short and long conversations behind one fixed system prompt.
 - `repetitive`: prompts that ask to repeat text already in them: ngram speculation's case.
-- `shaped` / `unshaped`: the same chat mix with max_tokens 256 and streaming, versus long
-  outputs (max_tokens 1024) without streaming, as clients send when nobody shapes them.
+- `shaped` / `unshaped`: the same chat mix and the same "natural" answer lengths (long-tailed:
+  median about 180 tokens, one in ten above 600, at most 1024). Unshaped: no streaming, and each
+  answer runs to its natural length, as when a client sets no max_tokens. Shaped: streaming, and
+  max_tokens 256 cuts the long tail. The tiny models never stop on their own, so the natural
+  length is sent as an exact max_tokens (`ignore_eos`): the stand-in for a model reaching EOS.
 
 Lengths are in words of a fixed synthetic vocabulary; with the tiny models' tokenizer a word is
 one to three tokens. Output lengths are exact when the server honours `ignore_eos` (vLLM does).
@@ -13,6 +16,7 @@ one to three tokens. Output lengths are exact when the server honours `ignore_eo
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +25,9 @@ SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
 SYSTEM_PROMPT = "You are a helpful assistant. Answer briefly and precisely."
 UNSHAPED_MAX_TOKENS = 1024
 SHAPED_MAX_TOKENS = 256
+# Natural answer lengths: lognormal around this median, clipped to [16, UNSHAPED_MAX_TOKENS].
+NATURAL_MEDIAN_TOKENS = 180
+NATURAL_SIGMA = 0.9
 WORKLOADS = ("random", "faq", "chat", "repetitive", "shaped", "unshaped")
 
 
@@ -44,6 +51,12 @@ class RequestSpec:
 
 def words(rng: random.Random, count: int) -> str:
     return " ".join("".join(rng.choices(SYLLABLES, k=rng.randint(1, 3))) for _ in range(count))
+
+
+def natural_length(rng: random.Random) -> int:
+    """An answer's length when nothing caps it: long-tailed, as real chat answers are."""
+    length = round(rng.lognormvariate(math.log(NATURAL_MEDIAN_TOKENS), NATURAL_SIGMA))
+    return max(16, min(UNSHAPED_MAX_TOKENS, length))
 
 
 def make_workload(
@@ -93,10 +106,11 @@ def make_workload(
                 messages.append({"role": "user", "content": words(rng, rng.randint(min(8, input_len), input_len))})
                 if turn < turns - 1:
                     messages.append({"role": "assistant", "content": words(rng, rng.randint(8, 64))})
+            natural = natural_length(rng)  # drawn for every workload, so the seeds stay aligned
             if name == "unshaped":
-                specs.append(RequestSpec(messages, UNSHAPED_MAX_TOKENS, stream=False, extra=exact))
+                specs.append(RequestSpec(messages, natural, stream=False, extra=exact))
             elif name == "shaped":
-                specs.append(RequestSpec(messages, SHAPED_MAX_TOKENS, extra=exact))
+                specs.append(RequestSpec(messages, min(natural, SHAPED_MAX_TOKENS), extra=exact))
             else:
                 specs.append(RequestSpec(messages, rng.randint(min(16, output_len), output_len), extra=exact))
         return specs

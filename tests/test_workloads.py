@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from scripts.loadgen import arrival_gaps, ratio_table, summarize, RequestResult
+from scripts.loadgen import RequestResult, arrival_gaps, ratio_table, summarize, sustainable_rate
 from scripts.workloads import SHAPED_MAX_TOKENS, UNSHAPED_MAX_TOKENS, WORKLOADS, make_workload
 
 
@@ -28,12 +28,27 @@ def test_faq_requests_share_few_prefixes():
     assert len({spec.messages[1]["content"] for spec in specs}) > 4
 
 
-def test_shaped_streams_with_capped_tokens_and_unshaped_does_not():
-    shaped = make_workload("shaped", 10)
-    unshaped = make_workload("unshaped", 10)
-    assert all(s.stream and s.max_tokens == SHAPED_MAX_TOKENS for s in shaped)
-    assert all(not s.stream and s.max_tokens == UNSHAPED_MAX_TOKENS for s in unshaped)
+def test_shaped_streams_and_caps_the_natural_lengths_that_unshaped_runs_to():
+    shaped = make_workload("shaped", 400)
+    unshaped = make_workload("unshaped", 400)
     assert [s.messages for s in shaped] == [s.messages for s in unshaped], "same prompts"
+    assert all(s.stream for s in shaped) and not any(s.stream for s in unshaped)
+    for capped, natural in zip(shaped, unshaped):
+        assert capped.max_tokens == min(natural.max_tokens, SHAPED_MAX_TOKENS)
+    lengths = sorted(s.max_tokens for s in unshaped)
+    assert 16 <= lengths[0] and lengths[-1] <= UNSHAPED_MAX_TOKENS
+    assert 120 < lengths[len(lengths) // 2] < 260, "median near the natural median"
+    assert sum(length > SHAPED_MAX_TOKENS for length in lengths) > 40, "a long tail to cut"
+
+
+def test_sustainable_rate_is_the_last_rate_within_the_slo_before_the_first_miss():
+    def run(rate, p95, errors=None):
+        return {"rate": rate, "endpoints": {"A": {"errors": errors or {}, "ttft_ms": {"p95": p95}}}}
+
+    runs = [run(1, 100), run(4, 300), run(2, 200), run(8, 900), run(16, 400)]
+    assert sustainable_rate(runs, "A", slo_ttft_ms=500) == 4, "16 passes only past saturation"
+    assert sustainable_rate([run(1, 100), run(2, 200, {"503": 1})], "A", slo_ttft_ms=500) == 1
+    assert sustainable_rate([run(1, 600)], "A", slo_ttft_ms=500) == 0
 
 
 def test_poisson_gaps_average_to_the_rate_and_bursts_vary_more():
