@@ -4,4 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# Ray's processes inherit how Serve runs (HAProxy in front, the throughput mode).
+set -a
+. configs/ray-serve.env
+set +a
 exec .venv/bin/serve run "${1:-configs/app.yaml}"

@@ -5,20 +5,37 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
-import ray
-import yaml
-from ray import serve
-
-from apps.builder import build_app
-
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
+
+
+def ray_serve_env() -> dict[str, str]:
+    """configs/ray-serve.env: how Ray Serve runs the gateway (HAProxy in front, throughput mode)."""
+    lines = (CONFIGS / "ray-serve.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+# The tests run Serve as it is shipped. Set before Ray is imported: Serve reads it at import, and
+# every Ray process the tests start inherits it.
+for _name, _value in ray_serve_env().items():
+    os.environ.setdefault(_name, _value)
+# An ingress replica serving HTTP itself keeps serving 30 s after its shutdown starts, so a load
+# balancer can notice; a test app's shutdown has nobody to wait for.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+import yaml  # noqa: E402
+from ray import serve  # noqa: E402
+from ray.serve.handle import DeploymentHandle  # noqa: E402
+
+from apps.builder import build_app  # noqa: E402
 
 
 def app_args(config_file: str, *, local_paths: bool = False) -> dict[str, Any]:
@@ -60,6 +77,14 @@ def serve_app(
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def driver_handle(handle: DeploymentHandle) -> DeploymentHandle:
+    """`handle`, usable from the tests' synchronous code. Serve's throughput mode runs a handle's
+    router on the caller's event loop, and the test process has none: this handle gets its own."""
+    if not handle.is_initialized:  # serve.run may return the handle an earlier test set up
+        handle._init(_run_router_in_separate_loop=True)
+    return handle
 
 
 def replica_log_lines(deployment: str) -> dict[str, list[str]]:

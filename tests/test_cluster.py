@@ -31,7 +31,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from apps.config import ModelConfig, load_config
 from apps.placement import placement_for, unplaceable_reason
-from tests.conftest import CONFIGS, ROOT, app_args
+from tests.conftest import CONFIGS, ROOT, app_args, ray_serve_env
 
 CLUSTER = ROOT / "cluster"
 METRICS_EXPORT_PORT = "8080"
@@ -236,6 +236,22 @@ def test_every_node_starts_ray_with_the_metrics_export_port(ray_up_config):
         assert len(starts) == 1, f"{key}: expected one `ray start`, found {starts}"
         assert starts[0].get("metrics-export-port") == METRICS_EXPORT_PORT, f"{key}: {starts[0]}"
     assert "head" in ray_start_options(ray_up_config["head_start_ray_commands"])[0]
+
+
+def test_every_node_starts_ray_with_configs_ray_serve_env(ray_up_config):
+    """`ray start` and thus every Ray process of the node inherits how Serve runs."""
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (command,) = [c for c in ray_up_config[key] if "ray start" in c]
+        sourced = command.split("ray start")[0]
+        assert "set -a; . ~/llm-gateway/configs/ray-serve.env; set +a;" in sourced, f"{key}: {command}"
+    assert ray_up_config["file_mounts"].get("~/llm-gateway/configs") == "./configs", "mount configs/"
+
+
+def test_the_image_sets_configs_ray_serve_env():
+    dockerfile = (CLUSTER / "Dockerfile").read_text().replace("\\\n", " ")
+    (env_line,) = [line for line in dockerfile.splitlines() if line.startswith("ENV ")]
+    image_env = dict(pair.split("=", 1) for pair in shlex.split(env_line[len("ENV ") :]))
+    assert image_env == ray_serve_env()
 
 
 def test_every_node_installs_the_mounted_project(ray_up_config):

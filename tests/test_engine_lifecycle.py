@@ -22,7 +22,7 @@ from ray import serve
 from ray.util.state import list_actors
 
 from apps.builder import deployment_name
-from tests.conftest import app_args, serve_app
+from tests.conftest import app_args, driver_handle, serve_app
 
 PORT = 18200
 MODEL = "tiny-chat"
@@ -173,7 +173,7 @@ def test_replica_whose_engine_dies_is_replaced(gateway):
 
 
 def model_handle():
-    return serve.get_deployment_handle(deployment_name(MODEL), app_name="llm")
+    return driver_handle(serve.get_deployment_handle(deployment_name(MODEL), app_name="llm"))
 
 
 def wait_until_idle(engine, since: float, limit_s: float = 30) -> None:

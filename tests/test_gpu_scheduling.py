@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from apps.builder import deployment_name, model_deployment_options, unplaceable_models
 from apps.config import AppConfig
+from tests.conftest import driver_handle
 
 GPUS_PER_NODE = 4
 # Serve reports slow scheduling in the deployment status after this many seconds (default 30).
@@ -43,6 +44,10 @@ class PlacementProbe:
 
     def placement_group_id(self) -> str:
         return ray.get_runtime_context().get_placement_group_id()
+
+    def group_and_gpus(self) -> tuple[str, list[tuple[str, str]]]:
+        """Both from one replica: two calls may reach two replicas."""
+        return self.placement_group_id(), self.bundle_gpus()
 
     def bundle_gpus(self) -> list[tuple[str, str]]:
         """(node, GPU id) that a one-GPU task in each bundle of this replica's group is given,
@@ -90,12 +95,15 @@ def gpu_cluster() -> Iterator[Cluster]:
 def probe_app(config: AppConfig, model_id: str, num_replicas: int = 1) -> serve.Application:
     options = model_deployment_options(next(m for m in config.models if m.id == model_id))
     options["num_replicas"] = num_replicas
+    # The probe is its own app's ingress, where HAProxy forbids a custom request router; the
+    # router picks among replicas and has nothing to do with where they are placed.
+    options.pop("request_router_config", None)
     return serve.deployment(PlacementProbe).options(**options).bind()
 
 
 def test_tp4_replica_lands_all_bundles_on_one_gpu_node(gpu_cluster):
     config = gpu_config(4)
-    handle = serve.run(probe_app(config, "tp4"), name="tp4", route_prefix=None)
+    handle = driver_handle(serve.run(probe_app(config, "tp4"), name="tp4", route_prefix=None))
     try:
         group_id = handle.placement_group_id.remote().result(timeout_s=60)
         group = ray.util.placement_group_table()[group_id]
@@ -117,7 +125,7 @@ def test_models_sharing_nodes_get_their_own_gpus(gpu_cluster):
     handles = {}
     for model_id, replicas in (("tp4", 1), ("tp2", 1), ("tp1", 2)):
         app = probe_app(config, model_id, num_replicas=replicas)
-        handles[model_id] = serve.run(app, name=model_id, route_prefix=None)
+        handles[model_id] = driver_handle(serve.run(app, name=model_id, route_prefix=None))
     try:
         held: dict[tuple[str, str], str] = {}
         models_per_node: dict[str, set[str]] = {}
@@ -127,11 +135,11 @@ def test_models_sharing_nodes_get_their_own_gpus(gpu_cluster):
             for _ in range(100):  # ask until every replica has answered
                 if len(seen_groups) == replicas:
                     break
-                group = handle.placement_group_id.remote().result(timeout_s=60)
+                group, gpus = handle.group_and_gpus.remote().result(timeout_s=60)
                 if group in seen_groups:
                     continue
                 seen_groups.add(group)
-                for node_gpu in handle.bundle_gpus.remote().result(timeout_s=60):
+                for node_gpu in gpus:
                     assert node_gpu not in held, f"{model_id} shares GPU {node_gpu} with {held[node_gpu]}"
                     held[node_gpu] = model_id
                     models_per_node.setdefault(node_gpu[0], set()).add(model_id)

@@ -20,7 +20,7 @@ from ray import serve
 from ray.util.state import list_placement_groups
 
 from apps.builder import deployment_name
-from tests.conftest import app_args, serve_app
+from tests.conftest import app_args, driver_handle, serve_app
 
 PORT = 18000
 MODELS = ["tiny-chat", "tiny-chat-tp2"]
@@ -65,7 +65,8 @@ def test_a_named_system_prompt_is_served_from_the_prefix_cache(client):
     (tiny,) = [model for model in app_args("app.yaml")["models"] if model["id"] == "tiny-chat"]
     system = tiny["system_prompts"]["support"]
     unseen = system.upper()  # same length, no shared block
-    block = serve.get_deployment_handle(deployment_name("tiny-chat"), app_name="llm").block_size.remote().result()
+    model_server = driver_handle(serve.get_deployment_handle(deployment_name("tiny-chat"), app_name="llm"))
+    block = model_server.block_size.remote().result()
     question = {"role": "user", "content": "Where is my order?"}
 
     def cached_and_prompt_tokens(messages, **extra_body):
