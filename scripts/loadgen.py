@@ -220,9 +220,9 @@ async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     urls = [args.url] + ([args.compare] if args.compare else [])
     models = [args.model, args.compare_model or args.model]
     keys = [args.api_key, args.compare_api_key or args.api_key]
-    # One label per endpoint, "URL model": A and B may be two models behind one gateway, or one
-    # model called with two keys, or one model sent two workloads.
-    # B may get another workload of the same seed (shaped vs unshaped: the same conversations).
+    # One label per endpoint, "URL model": A and B may be two models behind one gateway, one
+    # model called with two keys, or one model sent two workloads of the same seed (shaped vs
+    # unshaped: the same conversations).
     workloads = [args.workload, args.compare_workload or args.workload]
     labels = [f"{url} {model}" for url, model in zip(urls, models)]
     if len(labels) == 2 and workloads[0] != workloads[1]:
