@@ -34,8 +34,12 @@ EXACT = {"ignore_eos": True}  # vLLM extension: generate exactly max_tokens toke
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[str]:
     """The embedded default app, started once for the module; yields the base URL."""
+    args = app_args("app.yaml", local_paths=True)
+    # tiny-chat groups tokens from the second open stream on; tiny-chat-tp2 keeps the default.
+    (tiny,) = [model for model in args["models"] if model["id"] == "tiny-chat"]
+    tiny.setdefault("replicas", {})["stream_messages_per_step"] = 1
     # The dashboard serves the state API that the placement and replica checks read.
-    with serve_app(app_args("app.yaml", local_paths=True), PORT, dashboard=True) as url:
+    with serve_app(args, PORT, dashboard=True) as url:
         yield url
 
 
@@ -297,6 +301,27 @@ def test_32_concurrent_streams_across_both_models_complete(async_client):
             return await asyncio.gather(*(one(client, i) for i in range(32)))
 
     assert asyncio.run(run()) == [24] * 32
+
+
+def test_a_loaded_replica_sends_tokens_in_groups_and_an_idle_one_does_not(gateway):
+    """Two streams at once: tiny-chat (stream_messages_per_step 1) sends two tokens a message,
+    tiny-chat-tp2 (the default 8) one. Each HTTP chunk is one message of the model server."""
+
+    async def events_per_read(client: httpx.AsyncClient, model: str) -> list[int]:
+        body = {"model": model, "messages": MESSAGES, "max_tokens": 48, "stream": True} | EXACT
+        async with client.stream("POST", f"{gateway}/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            return [piece.count(b"data: ") async for piece in response.aiter_raw()]
+
+    async def two_streams(model: str) -> list[list[int]]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(events_per_read(client, model) for _ in range(2)))
+
+    for model, grouped in (("tiny-chat", True), ("tiny-chat-tp2", False)):
+        for reads in asyncio.run(two_streams(model)):
+            middle = reads[1:-2]  # past the first token, before one stream is left alone
+            share = sum(events >= 2 for events in middle) / len(middle)
+            assert (share > 0.8) if grouped else (share < 0.5), f"{model}: events per read {reads}"
 
 
 def test_tp2_replica_has_two_bundles_strict_packed(gateway):
