@@ -21,11 +21,12 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from apps.config import PRIORITIES, ModelConfig, Priority
 from apps.errors import DeadlineExceeded, Overloaded
+from apps.failover import ReplicaWatch
 
 # A replica may hold a few more requests than its engine batches, so the next batch is ready
 # the moment a sequence finishes; more than that would only queue inside the engine.
@@ -216,11 +217,13 @@ def gate_for(model: ModelConfig, ingress_replicas: int) -> ModelGate:
 
 @dataclass(frozen=True)
 class ModelRoute:
-    """What an ingress replica holds per model: its config, its gate and its (streaming) handle."""
+    """What an ingress replica holds per model: its config, its gate, its (streaming) handle and
+    what it knows of the model's replicas."""
 
     config: ModelConfig
     gate: ModelGate
     stream: Any  # DeploymentHandle with stream=True
+    replicas: ReplicaWatch = field(default_factory=ReplicaWatch)
 
     def deadlines(self, arrived: float, streaming: bool) -> tuple[float | None, float | None]:
         """(head, total): when the first bytes (for a stream: the first token) and the whole

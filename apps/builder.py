@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve import Application
 
 from apps.admission import replica_max_ongoing
-from apps.config import AppConfig, ModelConfig, load_config
+from apps.config import DEFAULT_MAX_SURGE_PERCENT, AppConfig, ModelConfig, load_config
 from apps.engine_args import engine_env_vars
 from apps.ingress import Ingress
 from apps.model_server import ModelServer
@@ -37,6 +37,16 @@ LEASE_MARGIN_S = 60.0
 UNTIMED_REQUEST_S = 3600.0
 # The limiter answers every rate-limited request; its calls are tiny and never block.
 LIMITER_MAX_ONGOING_REQUESTS = 10_000
+# A stopping replica (rolling update, scale-down, shutdown) takes no new requests and is given
+# this long beyond the longest request it may hold to finish them, before it is killed.
+DRAIN_MARGIN_S = 10.0
+
+
+def drain_timeout_s(models: list[ModelConfig]) -> float:
+    """How long a stopping replica serving `models` waits for its requests: the longest request
+    timeout among them plus a margin (an hour for a model without one)."""
+    longest = max(model.admission.request_timeout_s or UNTIMED_REQUEST_S for model in models)
+    return longest + DRAIN_MARGIN_S
 
 
 def deployment_name(model_id: str) -> str:
@@ -63,6 +73,9 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
         or max_ongoing * QUEUED_PER_ONGOING,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+        # Rolling updates start the replacement first, and a stopping replica finishes its streams.
+        "max_surge_percent": model.replicas.max_surge_percent,
+        "graceful_shutdown_timeout_s": drain_timeout_s([model]),
     }
     routing = model.replicas.routing
     if routing.policy == "prefix_affinity":
@@ -104,6 +117,9 @@ def build_from_config(config: AppConfig) -> Application:
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
+        # The ingress relays every model's streams: it drains as long as the slowest model.
+        max_surge_percent=DEFAULT_MAX_SURGE_PERCENT,
+        graceful_shutdown_timeout_s=drain_timeout_s(config.models),
     )
     return ingress.bind(config, models, limiter)
 
@@ -151,7 +167,57 @@ def unplaceable_models(config: AppConfig) -> dict[str, str]:
 
 
 def _warn_unplaceable(config: AppConfig) -> None:
-    """Say now, not after a silent wait, when a model's replica fits on no node of the cluster.
-    Serve itself repeats it in the deployment's status message once scheduling is slow."""
+    """Say now, not after a silent wait, when a model's replica fits on no node of the cluster,
+    or when the cluster has no room for a rolling update's extra replica. Serve itself repeats it
+    in the deployment's status message once scheduling is slow."""
     for model_id, reason in unplaceable_models(config).items():
         logger.error("Model %s cannot be placed on the current cluster: %s", model_id, reason)
+    if not ray.is_initialized():
+        return
+    totals: dict[str, float] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for resource, amount in node["Resources"].items():
+                totals[resource] = totals.get(resource, 0.0) + amount
+    for model_id in models_without_surge_room(config, totals):
+        logger.warning(
+            "Model %s: the cluster has no room for a rolling update's extra replica next to the "
+            "running ones. An update of this model waits (the old replicas keep serving) until a "
+            "node with room joins; set replicas.max_surge_percent: 0 to stop first instead.",
+            model_id,
+        )
+
+
+def replica_demand(model: ModelConfig) -> dict[str, float]:
+    """Logical resources one replica of `model` holds (its placement group's bundles)."""
+    demand: dict[str, float] = {}
+    for bundle in placement_for(model.parallelism).bundles:
+        for resource, amount in bundle.items():
+            demand[resource] = demand.get(resource, 0.0) + amount
+    return demand
+
+
+def models_without_surge_room(config: AppConfig, totals: dict[str, float]) -> list[str]:
+    """Models whose surge replicas do not fit in `totals` (the cluster's resources) next to the
+    steady-state replicas of the whole app: their rolling updates would wait for room.
+    Counts the fewest replicas each model runs (autoscaling: `min_replicas`)."""
+    steady: dict[str, float] = {"CPU": config.ingress.num_cpus * config.ingress.num_replicas}
+    for model in config.models:
+        autoscaling = model.replicas.autoscaling
+        count = autoscaling.min_replicas if autoscaling else model.replicas.num_replicas
+        for resource, amount in replica_demand(model).items():
+            steady[resource] = steady.get(resource, 0.0) + amount * count
+    short = []
+    for model in config.models:
+        if model.replicas.max_surge_percent == 0:
+            continue
+        autoscaling = model.replicas.autoscaling
+        count = max(1, autoscaling.min_replicas if autoscaling else model.replicas.num_replicas)
+        surge = -(-model.replicas.max_surge_percent * count // 100)
+        demand = replica_demand(model)
+        if any(
+            steady.get(resource, 0.0) + amount * surge > totals.get(resource, 0.0) + 1e-9
+            for resource, amount in demand.items()
+        ):
+            short.append(model.id)
+    return short

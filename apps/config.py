@@ -35,6 +35,8 @@ DEFAULT_MAX_NUM_SEQS = 64
 DEFAULT_STREAM_MESSAGES_PER_STEP = 8
 DEFAULT_INGRESS_MAX_ONGOING_REQUESTS = 1024
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+# A rolling update starts every new replica before it stops an old one (where the cluster has room).
+DEFAULT_MAX_SURGE_PERCENT = 100
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SYSTEM_PROMPT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -254,6 +256,18 @@ class ReplicaSettings(StrictModel):
         description=(
             "Requests each ingress replica may queue for this model while every replica is full "
             "or none is running; more get 503. None: twice max_ongoing_requests."
+        ),
+    )
+    max_surge_percent: int = Field(
+        default=DEFAULT_MAX_SURGE_PERCENT,
+        ge=0,
+        le=100,
+        description=(
+            "Extra replicas (share of the replica count) a rolling update may start before it "
+            "stops old ones: 100 starts every replacement first and stops an old replica only "
+            "once its replacement is warm, so capacity never drops (the cluster needs room for "
+            "them; where it has none, the new replica stays pending and the old keeps serving). "
+            "0 stops first: the model has less capacity for a whole engine start."
         ),
     )
     stream_messages_per_step: int | None = Field(

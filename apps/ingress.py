@@ -44,15 +44,24 @@ from apps.errors import (
     EngineUnavailable,
     GatewayError,
     InternalError,
+    Overloaded,
     RouteNotFound,
     error_body,
     model_call_error,
     never_reached_model,
+    retry_after_headers,
+)
+from apps.failover import (
+    MAX_ATTEMPTS,
+    RETRY_ACCEPT_GRACE_S,
+    ReplicaWatch,
+    is_lost_replica_code,
+    is_replica_lost,
 )
 from apps.metrics import ingress_metrics
 from apps.prefixes import VolatilePrefixWatch, apply_system_prompt
 from apps.rate_limits import Settler, rate_limit_error, ratelimit_headers
-from apps.streaming import SSE_MEDIA_TYPE, RelayResponse, ResponseHead, StreamEnd
+from apps.streaming import SSE_MEDIA_TYPE, Accepted, RelayResponse, ResponseHead, StreamEnd
 from apps.telemetry import RequestRecord, RequestTelemetry, export_gauges, request_record
 from apps.validation import (
     Endpoint,
@@ -110,7 +119,7 @@ class Ingress:
         self._settler = Settler(limiter)
         self._max_body_bytes = config.ingress.max_body_bytes
         self._models = dict(models)
-        metrics = ingress_metrics()
+        metrics = self._metrics = ingress_metrics()
         self._prefix_watches = {
             model.id: VolatilePrefixWatch(
                 model.id,
@@ -243,21 +252,10 @@ class Ingress:
             self._settle(reservation, used_tokens=0)  # never reached an engine
             raise
         record.admit(loop.time() - queued)
-        stream: DeploymentResponseGenerator | None = None
         try:
-            stream = route.stream.generate.remote(endpoint, shaped.body, reservation, caller.name)
-            head: ResponseHead = await until(anext(stream), head_due)
-        except BaseException as exc:
-            if stream is not None:
-                stream.cancel()
+            stream, head = await self._call_model(route, endpoint, shaped, caller, reservation, record)
+        except BaseException:
             route.gate.release()
-            self._settle_unless_model_did(reservation, exc)
-            if isinstance(exc, TimeoutError):
-                raise DeadlineExceeded(
-                    f"Model {shaped.model_id} did not answer in time; the request was aborted."
-                ) from None
-            if isinstance(exc, Exception):
-                raise model_call_error(shaped.model_id, exc) from exc
             raise
         record.usage, record.reason = head.usage, head.code
         if head.media_type != SSE_MEDIA_TYPE:
@@ -273,6 +271,99 @@ class Ingress:
             deadline=total_due,
             on_close=lambda end: self._stream_closed(route, reservation, record, end),
         )
+
+    async def _call_model(
+        self,
+        route: ModelRoute,
+        endpoint: Endpoint,
+        shaped: ShapedRequest,
+        caller: Caller,
+        reservation: str | None,
+        record: RequestRecord,
+    ) -> tuple[DeploymentResponseGenerator, ResponseHead]:
+        """Call the model until a replica answers with a head (`apps.failover`): a replica that is
+        lost before its head is replaced by another call, at most MAX_ATTEMPTS in all; the wait
+        for a replica to accept is bounded by the queue deadline. Raises the answer's error."""
+        head_due, _ = route.deadlines(record.arrived, record.stream)
+        queue_due = record.arrived + route.config.admission.queue_timeout_s
+        loop = asyncio.get_running_loop()
+        failure: BaseException | GatewayError | None = None
+        for attempt in range(MAX_ATTEMPTS):
+            accept_due = queue_due if attempt == 0 else max(queue_due, loop.time() + RETRY_ACCEPT_GRACE_S)
+            if head_due is not None:
+                accept_due = min(accept_due, head_due)
+            stream = route.stream.generate.remote(endpoint, shaped.body, reservation, caller.name)
+            accepted = False
+            try:
+                accepted_message: Accepted = await until(anext(stream), accept_due)
+                accepted = True
+                route.replicas.accepted(accepted_message.startup_s)
+                head: ResponseHead = await until(anext(stream), head_due)
+            except BaseException as exc:
+                stream.cancel()
+                if isinstance(exc, Exception) and is_replica_lost(exc):
+                    route.replicas.lost()
+                    failure = exc
+                    self._failovers(shaped.model_id)
+                    continue
+                if accepted:
+                    self._settle_unless_model_did(reservation, exc)
+                else:
+                    self._settle(reservation, used_tokens=0)  # no replica ran it
+                if isinstance(exc, TimeoutError):
+                    if not accepted:
+                        raise await self._no_replica_accepted(route, shaped.model_id) from None
+                    raise DeadlineExceeded(
+                        f"Model {shaped.model_id} did not answer in time; the request was aborted."
+                    ) from None
+                if isinstance(exc, Exception):
+                    raise model_call_error(shaped.model_id, exc) from exc
+                raise
+            if is_lost_replica_code(head.code):  # its engine is dead; it settled nothing
+                stream.cancel()
+                route.replicas.lost()
+                failure = RuntimeError(f"{head.status} {head.code}")
+                self._failovers(shaped.model_id)
+                continue
+            return stream, head
+        # Every attempt met a lost replica: the model server settled none of them.
+        self._settle(reservation, used_tokens=0)
+        logger.warning("Model %s: %d calls of one request lost their replica: %r", shaped.model_id, MAX_ATTEMPTS, failure)
+        error = EngineUnavailable(f"Model {shaped.model_id} has no live replica for this request; retry later.")
+        error.headers.update(retry_after_headers(route.replicas.retry_after_s()))
+        raise error
+
+    async def _no_replica_accepted(self, route: ModelRoute, model_id: str) -> GatewayError:
+        """The answer to a call no replica accepted by the queue deadline: 503 engine_unavailable
+        when the model has no running replica (Retry-After: when its replacement is expected),
+        else 503 queue_timeout (every replica is full)."""
+        if await self._running_replicas(model_id) == 0:
+            route.replicas.lost()
+            error: GatewayError = EngineUnavailable(
+                f"Model {model_id} has no running replica; a replacement is starting. Retry later."
+            )
+            error.headers.update(retry_after_headers(route.replicas.retry_after_s()))
+            return error
+        return Overloaded(
+            f"Model {model_id}: no replica had room within the queue timeout. Retry later.",
+            reason="queue_timeout",
+            retry_after_s=route.gate.retry_after_s(),
+        )
+
+    async def _running_replicas(self, model_id: str) -> int | None:
+        """RUNNING replicas of a model in Serve's view (None: Serve's status is unavailable)."""
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), self._health_timeout_s)
+        except Exception as exc:
+            logger.warning("Could not read Serve's status: %r", exc)
+            return None
+        handle = self._models[model_id]
+        application = status.applications.get(handle.app_name)
+        deployment = application.deployments.get(handle.deployment_name) if application else None
+        return deployment.replica_states.get(ReplicaState.RUNNING, 0) if deployment else 0
+
+    def _failovers(self, model_id: str) -> None:
+        self._metrics.failovers.inc(tags={"model": model_id, "kind": "retry"})
 
     def _stream_closed(
         self, route: ModelRoute, reservation: str | None, record: RequestRecord, end: StreamEnd

@@ -91,6 +91,12 @@ class IngressMetrics:
             "Requests waiting in the ingress queue of a model, per ingress replica.",
             tag_keys=("model",),
         )
+        self.failovers = metrics.Counter(
+            "gateway_failovers",
+            "Model calls sent again because their replica was lost: `retry` before the first "
+            "token (the client sees nothing), `resume` a stream continued on another replica.",
+            tag_keys=("model", "kind"),
+        )
         self.volatile_prefixes = metrics.Counter(
             "gateway_volatile_prefixes",
             "Requests whose prompt starts with content that changes per request (a timestamp, "

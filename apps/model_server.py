@@ -39,8 +39,10 @@ from apps.errors import (
 from apps.metrics import UNAUTHENTICATED, model_server_metrics
 from apps.placement import omp_threads_bind, placement_for
 from apps.rate_limits import Settler
+from apps.failover import is_replica_lost
 from apps.streaming import (
     SSE_MEDIA_TYPE,
+    Accepted,
     LastChunk,
     ResponseHead,
     coalesce,
@@ -71,6 +73,7 @@ class ModelServer:
 
     async def __init__(self, model: ModelConfig, limiter: DeploymentHandle | None = None) -> None:
         # vLLM configures logging as it is imported and starts; Serve's log file is put back after.
+        started = time.monotonic()
         restore_serve_logging = _serve_logging_saved()
         # vLLM is imported here, in the replica, so building the app stays light.
         from ray.util.placement_group import get_current_placement_group
@@ -132,7 +135,8 @@ class ModelServer:
         await warm_up(model, self._serving, self._request_types)
         self._first_request_logged = False
         self._open_streams = 0
-        logger.info("Model %s ready: %s", model.id, placement)
+        self._accepted = Accepted(time.monotonic() - started)
+        logger.info("Model %s ready after %.0f s: %s", model.id, self._accepted.startup_s, placement)
 
     async def generate(
         self,
@@ -140,10 +144,13 @@ class ModelServer:
         body: dict[str, Any],
         reservation: str | None = None,
         key: str = UNAUTHENTICATED,
-    ) -> AsyncIterator[ResponseHead | bytes | LastChunk]:
-        """Run one OpenAI request; yields a `ResponseHead`, then (streams only) SSE bytes, the last
-        of them as a `LastChunk`. `reservation`: the rate limiter's, settled here with the tokens
-        really used. `key`: the caller's key name, for the token metrics."""
+    ) -> AsyncIterator[Accepted | ResponseHead | bytes | LastChunk]:
+        """Run one OpenAI request; yields `Accepted`, a `ResponseHead`, then (streams only) SSE
+        bytes, the last of them as a `LastChunk`. `reservation`: the rate limiter's, settled here
+        with the tokens really used (except when this engine is dead: the ingress then calls
+        another replica with the same reservation). `key`: the caller's key name, for the token
+        metrics."""
+        yield self._accepted
         usage = start_usage()
         settle = _Settlement(self._settler, reservation, usage)
         started = time.monotonic()
@@ -175,7 +182,10 @@ class ModelServer:
         try:
             result = await self._start(endpoint, body)
         except GatewayError as error:
-            await settle.wait()
+            if is_replica_lost(error):
+                settle.abandon()  # the ingress tries another replica with this reservation
+            else:
+                await settle.wait()
             yield error_head(error, usage)
             return
         if isinstance(result, BaseModel):
@@ -188,7 +198,10 @@ class ModelServer:
             try:
                 first = await anext(chunks)
             except Exception as exc:
-                yield error_head(self._engine_failure(exc), usage)
+                failure = self._engine_failure(exc)
+                if is_replica_lost(failure):
+                    settle.abandon()
+                yield error_head(failure, usage)
                 return
             # vLLM reports failures inside the stream; before the first byte they get a status.
             error = first_event_error(first)
@@ -318,6 +331,10 @@ class _Settlement:
     def now(self) -> None:
         """Settle without waiting."""
         self._send()
+
+    def abandon(self) -> None:
+        """Leave the reservation to the ingress (its request goes on elsewhere)."""
+        self._done = True
 
     def _send(self) -> asyncio.Task[None] | None:
         if self._done:

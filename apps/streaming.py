@@ -1,7 +1,9 @@
-"""The wire between a model server and the ingress: one head, then raw bytes.
+"""The wire between a model server and the ingress: accepted, one head, then raw bytes.
 
-A model server's `generate` yields a `ResponseHead` first (status, media type and the first bytes
-of the body), then `bytes` for the rest of a stream, the last of them as a `LastChunk`. The
+A model server's `generate` yields `Accepted` as soon as a replica runs the call (so the ingress
+can tell waiting for a replica from waiting for the engine: `apps.failover`), then a
+`ResponseHead` (status, media type and the first bytes of the body), then `bytes` for the rest of
+a stream, the last of them as a `LastChunk`. The
 ingress thus knows the status before it sends a byte, moves bytes without parsing or
 re-serialising JSON, and learns the request's token usage from the head (a whole answer) or the
 last chunk (a stream) without an extra message.
@@ -43,6 +45,14 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # An error event of vLLM's stream generators. Inside generated text a quote is escaped, so
 # this prefix only ever starts an event.
 VLLM_ERROR_EVENT = b'data: {"error"'
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The first message of every model call: a replica runs it. `startup_s`: how long that
+    replica took to start, the ingress's estimate of how long a replacement takes."""
+
+    startup_s: float
 
 
 @dataclass(frozen=True)

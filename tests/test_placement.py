@@ -1,13 +1,14 @@
 """Placement contract: one bundle per TP x PP worker, STRICT_PACK for single-stage groups, GPU
 bundles with the ray executor, CPU bundles with the mp executor and per-rank core binding; the
-deployment options derived from the schema."""
+deployment options derived from the schema, rolling updates included (start the replacement
+first, drain past the longest request, room for the extra replica)."""
 
 from __future__ import annotations
 
 import pytest
 
-from apps.builder import deployment_name, model_deployment_options
-from apps.config import ModelConfig, ParallelismSettings
+from apps.builder import DRAIN_MARGIN_S, deployment_name, model_deployment_options, models_without_surge_room
+from apps.config import AppConfig, ModelConfig, ParallelismSettings
 from apps.placement import omp_threads_bind, placement_for, unplaceable_reason
 
 
@@ -163,3 +164,50 @@ def test_every_autoscaling_knob_can_be_overridden(make_checkpoint):
     options = model_deployment_options(model)
     assert options["autoscaling_config"] == knobs
     assert options["max_ongoing_requests"] == 4
+
+
+def test_rolling_updates_start_the_replacement_first_and_drain_past_the_request_timeout():
+    model = ModelConfig.model_validate(
+        {"id": "m", "path": "/x", "admission": {"request_timeout_s": 120}},
+        context={"check_model_files": False},
+    )
+    options = model_deployment_options(model)
+    assert options["max_surge_percent"] == 100, "a replacement starts before an old replica stops"
+    assert options["graceful_shutdown_timeout_s"] == 120 + DRAIN_MARGIN_S, (
+        "a stopping replica must be allowed to finish its longest request"
+    )
+
+
+def test_a_model_without_a_request_timeout_drains_for_an_hour_and_may_stop_first():
+    model = ModelConfig.model_validate(
+        {"id": "m", "path": "/x", "admission": {"request_timeout_s": None}, "replicas": {"max_surge_percent": 0}},
+        context={"check_model_files": False},
+    )
+    options = model_deployment_options(model)
+    assert options["graceful_shutdown_timeout_s"] == 3600 + DRAIN_MARGIN_S
+    assert options["max_surge_percent"] == 0
+
+
+def surge_config(*models: dict) -> AppConfig:
+    return AppConfig.model_validate({"models": list(models)}, context={"check_model_files": False})
+
+
+def test_surge_room_counts_the_steady_replicas_of_every_model_and_the_ingress():
+    small = {"id": "small", "path": "/x", "parallelism": {"cpus_per_worker": 0.25}}
+    tp2 = {"id": "tp2", "path": "/x", "parallelism": {"cpus_per_worker": 0.25, "tensor_parallel_size": 2}}
+    config = surge_config(small, tp2)  # steady: 0.25 + 0.5 + 0.1 (ingress) = 0.85 CPUs
+    assert models_without_surge_room(config, {"CPU": 2}) == [], "the embedded default's shape fits"
+    assert models_without_surge_room(config, {"CPU": 1.2}) == ["tp2"], "0.85 + 0.5 > 1.2"
+    assert models_without_surge_room(config, {"CPU": 1.0}) == ["small", "tp2"]
+
+
+def test_surge_room_is_not_needed_by_a_model_that_stops_first():
+    stop_first = {"id": "m", "path": "/x", "parallelism": {"cpus_per_worker": 1}, "replicas": {"max_surge_percent": 0}}
+    assert models_without_surge_room(surge_config(stop_first), {"CPU": 1.1}) == []
+
+
+def test_the_embedded_default_has_room_for_either_models_surge_on_two_cpus():
+    from tests.conftest import app_args
+
+    config = AppConfig.model_validate(app_args("app.yaml"), context={"check_model_files": False})
+    assert models_without_surge_room(config, {"CPU": 2.0}) == []
