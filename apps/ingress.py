@@ -24,6 +24,7 @@ its `x-ratelimit-*` headers. Every request leaves its metrics and an access-log 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -46,6 +47,7 @@ from apps.errors import (
     InternalError,
     Overloaded,
     RouteNotFound,
+    engine_error,
     error_body,
     model_call_error,
     never_reached_model,
@@ -61,6 +63,7 @@ from apps.failover import (
 from apps.metrics import ingress_metrics
 from apps.prefixes import VolatilePrefixWatch, apply_system_prompt
 from apps.rate_limits import Settler, rate_limit_error, ratelimit_headers
+from apps.resume import Resume
 from apps.streaming import SSE_MEDIA_TYPE, Accepted, RelayResponse, ResponseHead, StreamEnd
 from apps.telemetry import RequestRecord, RequestTelemetry, export_gauges, request_record
 from apps.validation import (
@@ -263,6 +266,22 @@ class Ingress:
             return Response(
                 head.body, status_code=head.status, media_type=head.media_type, headers=headers
             )
+        resume = None
+        if head.identity is not None:
+            identity = head.identity
+
+            async def resume(token_ids: tuple[int, ...]) -> tuple[DeploymentResponseGenerator, ResponseHead]:
+                self._metrics.failovers.inc(tags={"model": shaped.model_id, "kind": "resume"})
+                logger.warning(
+                    "Model %s: stream %s lost its replica after %d tokens; resuming on another.",
+                    shaped.model_id,
+                    record.request_id,
+                    len(token_ids),
+                )
+                return await self._call_model(
+                    route, endpoint, shaped, caller, reservation, record, Resume(token_ids, identity), total_due
+                )
+
         return RelayResponse(
             head.body,
             stream,
@@ -270,6 +289,8 @@ class Ingress:
             headers=headers,
             deadline=total_due,
             on_close=lambda end: self._stream_closed(route, reservation, record, end),
+            token_ids=head.token_ids,
+            resume=resume,
         )
 
     async def _call_model(
@@ -280,19 +301,27 @@ class Ingress:
         caller: Caller,
         reservation: str | None,
         record: RequestRecord,
+        resume: Resume | None = None,
+        resume_due: float | None = None,
     ) -> tuple[DeploymentResponseGenerator, ResponseHead]:
         """Call the model until a replica answers with a head (`apps.failover`): a replica that is
         lost before its head is replaced by another call, at most MAX_ATTEMPTS in all; the wait
-        for a replica to accept is bounded by the queue deadline. Raises the answer's error."""
+        for a replica to accept is bounded by the queue deadline. Raises the answer's error.
+
+        `resume`: continue a stream whose replica was lost (`apps.resume`), due by `resume_due`;
+        a replica must accept it at once (the client is mid-stream), and its error answer is
+        raised. The reservation is then left to the stream's end."""
         head_due, _ = route.deadlines(record.arrived, record.stream)
         queue_due = record.arrived + route.config.admission.queue_timeout_s
+        if resume is not None:
+            head_due, queue_due = resume_due, asyncio.get_running_loop().time() + RETRY_ACCEPT_GRACE_S
         loop = asyncio.get_running_loop()
         failure: BaseException | GatewayError | None = None
         for attempt in range(MAX_ATTEMPTS):
             accept_due = queue_due if attempt == 0 else max(queue_due, loop.time() + RETRY_ACCEPT_GRACE_S)
             if head_due is not None:
                 accept_due = min(accept_due, head_due)
-            stream = route.stream.generate.remote(endpoint, shaped.body, reservation, caller.name)
+            stream = route.stream.generate.remote(endpoint, shaped.body, reservation, caller.name, resume)
             accepted = False
             try:
                 accepted_message: Accepted = await until(anext(stream), accept_due)
@@ -304,9 +333,11 @@ class Ingress:
                 if isinstance(exc, Exception) and is_replica_lost(exc):
                     route.replicas.lost()
                     failure = exc
-                    self._failovers(shaped.model_id)
+                    self._failovers(shaped.model_id, record.request_id, type(exc).__name__)
                     continue
-                if accepted:
+                if resume is not None:
+                    pass  # the stream's end settles (apps.ingress._stream_closed)
+                elif accepted:
                     self._settle_unless_model_did(reservation, exc)
                 else:
                     self._settle(reservation, used_tokens=0)  # no replica ran it
@@ -323,11 +354,15 @@ class Ingress:
                 stream.cancel()
                 route.replicas.lost()
                 failure = RuntimeError(f"{head.status} {head.code}")
-                self._failovers(shaped.model_id)
+                self._failovers(shaped.model_id, record.request_id, f"{head.status} {head.code}")
                 continue
+            if resume is not None and head.status != 200:
+                stream.cancel()
+                raise model_call_error(shaped.model_id, _head_error(head))
             return stream, head
         # Every attempt met a lost replica: the model server settled none of them.
-        self._settle(reservation, used_tokens=0)
+        if resume is None:
+            self._settle(reservation, used_tokens=0)
         logger.warning("Model %s: %d calls of one request lost their replica: %r", shaped.model_id, MAX_ATTEMPTS, failure)
         error = EngineUnavailable(f"Model {shaped.model_id} has no live replica for this request; retry later.")
         error.headers.update(retry_after_headers(route.replicas.retry_after_s()))
@@ -362,8 +397,14 @@ class Ingress:
         deployment = application.deployments.get(handle.deployment_name) if application else None
         return deployment.replica_states.get(ReplicaState.RUNNING, 0) if deployment else 0
 
-    def _failovers(self, model_id: str) -> None:
+    def _failovers(self, model_id: str, request_id: str, failure: object) -> None:
         self._metrics.failovers.inc(tags={"model": model_id, "kind": "retry"})
+        logger.warning(
+            "Model %s: request %s lost its replica before its first token (%s); sending it again.",
+            model_id,
+            request_id,
+            failure,
+        )
 
     def _stream_closed(
         self, route: ModelRoute, reservation: str | None, record: RequestRecord, end: StreamEnd
@@ -391,3 +432,12 @@ class Ingress:
             self._settler.settle(reservation, 0)
         else:
             self._settler.settle(reservation, None, delay_s=BACKSTOP_SETTLE_DELAY_S)
+
+
+def _head_error(head: ResponseHead) -> GatewayError:
+    """The error a model server's error head reports (its OpenAI body), as ours."""
+    try:
+        info = json.loads(head.body)["error"]
+        return engine_error(head.status, str(info.get("message")), info.get("param"))
+    except (ValueError, KeyError, TypeError):
+        return engine_error(head.status, "The model failed to continue the stream.", None)

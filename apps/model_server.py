@@ -40,12 +40,14 @@ from apps.metrics import UNAUTHENTICATED, model_server_metrics
 from apps.placement import omp_threads_bind, placement_for
 from apps.rate_limits import Settler
 from apps.failover import is_replica_lost
+from apps.resume import Resume, ResumedEvents, resume_refusal, stream_identity
 from apps.streaming import (
     SSE_MEDIA_TYPE,
     Accepted,
     LastChunk,
     ResponseHead,
-    coalesce,
+    TokenChunk,
+    coalesce_with_progress,
     error_head,
     events_per_message,
     first_event_error,
@@ -144,18 +146,21 @@ class ModelServer:
         body: dict[str, Any],
         reservation: str | None = None,
         key: str = UNAUTHENTICATED,
-    ) -> AsyncIterator[Accepted | ResponseHead | bytes | LastChunk]:
+        resume: Resume | None = None,
+    ) -> AsyncIterator[Accepted | ResponseHead | bytes | TokenChunk | LastChunk]:
         """Run one OpenAI request; yields `Accepted`, a `ResponseHead`, then (streams only) SSE
-        bytes, the last of them as a `LastChunk`. `reservation`: the rate limiter's, settled here
-        with the tokens really used (except when this engine is dead: the ingress then calls
-        another replica with the same reservation). `key`: the caller's key name, for the token
-        metrics."""
+        bytes, the last of them as a `LastChunk`; a resumable stream's messages are `TokenChunk`s
+        (`apps.resume`). `reservation`: the rate limiter's, settled here with the tokens really
+        used (except when this engine is dead: the ingress then calls another replica with the
+        same reservation). `key`: the caller's key name, for the token metrics. `resume`: continue
+        a stream another replica started."""
         yield self._accepted
-        usage = start_usage()
+        resumable = resume is not None or resume_refusal(endpoint, body) is None
+        usage = start_usage(track_ids=resumable, resume=resume.token_ids if resume else None)
         settle = _Settlement(self._settler, reservation, usage)
         started = time.monotonic()
         try:
-            async for item in self._respond(endpoint, body, settle, usage):
+            async for item in self._respond(endpoint, body, settle, usage, resume):
                 if not self._first_request_logged:
                     # With warm-up this shows what a replica's first client really waited.
                     self._first_request_logged = True
@@ -177,8 +182,13 @@ class ModelServer:
             self._metrics.generation_tokens.inc(usage.completion_tokens, tags=tags)
 
     async def _respond(
-        self, endpoint: Endpoint, body: dict[str, Any], settle: _Settlement, usage: Usage
-    ) -> AsyncIterator[ResponseHead | bytes | LastChunk]:
+        self,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        settle: _Settlement,
+        usage: Usage,
+        resume: Resume | None,
+    ) -> AsyncIterator[ResponseHead | bytes | TokenChunk | LastChunk]:
         try:
             result = await self._start(endpoint, body)
         except GatewayError as error:
@@ -192,11 +202,29 @@ class ModelServer:
             await settle.wait()
             yield ResponseHead(200, JSON_MEDIA_TYPE, result.model_dump_json().encode(), usage)
             return
-        chunks = coalesce(result, self._events_per_message)
+        if resume is not None:
+            # The engine call was made in _start: the usage holds the original prompt's length.
+            rewriter = ResumedEvents(resume.identity, usage.prompt_tokens, len(resume.token_ids))
+            result = rewriter.events(result)
         self._open_streams += 1
         try:
+            async for item in self._stream(result, settle, usage, resume):
+                yield item
+        finally:
+            self._open_streams -= 1
+
+    async def _stream(
+        self, events: AsyncIterator[str], settle: _Settlement, usage: Usage, resume: Resume | None
+    ) -> AsyncIterator[ResponseHead | bytes | TokenChunk | LastChunk]:
+        """A stream's head and messages. With `usage.output_token_ids` kept (a resumable
+        stream), each message carries the ids of its tokens."""
+        ids = usage.output_token_ids
+        chunks = coalesce_with_progress(
+            events, self._events_per_message, (lambda: len(ids)) if ids is not None else (lambda: 0)
+        )
+        try:
             try:
-                first = await anext(chunks)
+                first, sent = await anext(chunks)
             except Exception as exc:
                 failure = self._engine_failure(exc)
                 if is_replica_lost(failure):
@@ -213,19 +241,32 @@ class ModelServer:
                 await settle.wait()
                 yield ResponseHead(200, SSE_MEDIA_TYPE, translate_error_events(first), usage)
                 return
-            yield ResponseHead(200, SSE_MEDIA_TYPE, translate_error_events(first))
+            if ids is None:
+                yield ResponseHead(200, SSE_MEDIA_TYPE, translate_error_events(first))
+            else:
+                identity = resume.identity if resume is not None else stream_identity(first)
+                start = len(resume.token_ids) if resume is not None else 0
+                yield ResponseHead(
+                    200,
+                    SSE_MEDIA_TYPE,
+                    translate_error_events(first),
+                    identity=identity,
+                    token_ids=tuple(ids[start:sent]),
+                )
             try:
-                async for chunk in chunks:
+                async for chunk, progress in chunks:
                     if chunk.endswith(DONE_EVENT):
                         await settle.wait()
                         yield LastChunk(translate_error_events(chunk), usage)
-                    else:
+                    elif ids is None:
                         yield translate_error_events(chunk)
+                    else:
+                        yield TokenChunk(translate_error_events(chunk), tuple(ids[sent:progress]))
+                        sent = progress
             except Exception as exc:  # headers are out: end the stream with an error event
                 failure = self._engine_failure(exc)
                 yield LastChunk(error_event(failure), usage, failure.status, failure.code)
         finally:
-            self._open_streams -= 1
             await chunks.aclose()
 
     def _events_per_message(self) -> int:

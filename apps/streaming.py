@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentResponseGenerator
@@ -37,6 +37,8 @@ from apps.errors import (
     error_json,
     model_call_error,
 )
+from apps.failover import is_replica_lost
+from apps.resume import MAX_RESUMES, StreamIdentity
 from apps.usage import Usage
 
 SSE_MEDIA_TYPE = "text/event-stream"
@@ -64,6 +66,18 @@ class ResponseHead:
     body: bytes
     usage: Usage | None = None  # when the head is the whole answer
     code: str | None = None  # an error answer's OpenAI error code
+    # A stream that may be resumed elsewhere (`apps.resume`): its identity and the ids of the
+    # tokens in `body`.
+    identity: StreamIdentity | None = None
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """A message of a resumable stream: its bytes and the ids of the tokens in them."""
+
+    body: bytes
+    token_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -134,7 +148,23 @@ def events_per_message(open_streams: int, messages_per_step: int | None) -> int:
 async def coalesce(
     events: AsyncIterator[str], group_size: Callable[[], int] = lambda: 1
 ) -> AsyncIterator[bytes]:
-    """Yield the events of `events` as bytes, joining those that are ready at the same time.
+    """`coalesce_with_progress` without the progress."""
+    messages = coalesce_with_progress(events, group_size)
+    try:
+        async for body, _ in messages:
+            yield body
+    finally:
+        await messages.aclose()  # stops the drain, which aborts the engine request
+
+
+async def coalesce_with_progress(
+    events: AsyncIterator[str],
+    group_size: Callable[[], int] = lambda: 1,
+    progress: Callable[[], int] = lambda: 0,
+) -> AsyncIterator[tuple[bytes, int]]:
+    """Yield the events of `events` as bytes, joining those that are ready at the same time,
+    each message with `progress()` as it was when its last event arrived (the model server's
+    count of generated tokens: the tokens whose events the message holds).
 
     A background task drains `events` into a queue, so the engine's generator keeps running while
     the consumer is busy sending; each `yield` takes everything queued so far. After the first
@@ -142,12 +172,12 @@ async def coalesce(
     consumer stops early (closed, or its task cancelled because the client left), the drain task
     is cancelled: the CancelledError raised inside vLLM's generator makes vLLM abort the request.
     """
-    queue: asyncio.Queue[str | BaseException | _EndOfStream] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[str, int] | BaseException | _EndOfStream] = asyncio.Queue()
 
     async def drain() -> None:
         try:
             async for event in events:
-                queue.put_nowait(event)
+                queue.put_nowait((event, progress()))
         except Exception as exc:  # handed to the consumer, which re-raises it
             queue.put_nowait(exc)
         except asyncio.CancelledError:
@@ -168,13 +198,13 @@ async def coalesce(
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 # The queue's last item is the only one that can end the stream.
-                if not isinstance(items[-1], str) or len(items) >= wanted:
+                if not isinstance(items[-1], tuple) or len(items) >= wanted:
                     break
                 items.append(await queue.get())
             wanted = group_size()
-            ready = [item for item in items if isinstance(item, str)]
+            ready = [item for item in items if isinstance(item, tuple)]
             if ready:
-                yield "".join(ready).encode()
+                yield "".join(event for event, _ in ready).encode(), ready[-1][1]
             for item in items:
                 if isinstance(item, BaseException):
                     raise item
@@ -195,6 +225,10 @@ class RelayResponse(StreamingResponse):
     finished, which aborts the engine request, and `on_close(StreamEnd)` runs once. A failure
     or the deadline after the headers went out ends the stream with an error event. The deadline
     is one timer, not a check per chunk.
+
+    A resumable stream (`resume` given, `apps.resume`) keeps the ids of the tokens relayed so
+    far; when its replica is lost, `resume(ids)` continues it on another replica (at most
+    MAX_RESUMES times) and the relay goes on with that call's bytes.
     """
 
     def __init__(
@@ -206,6 +240,9 @@ class RelayResponse(StreamingResponse):
         headers: Mapping[str, str],
         deadline: float | None,
         on_close: Callable[[StreamEnd], None],
+        token_ids: tuple[int, ...] = (),
+        resume: Callable[[tuple[int, ...]], Awaitable[tuple[DeploymentResponseGenerator, ResponseHead]]]
+        | None = None,
     ) -> None:
         super().__init__(
             self._relay(first), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS | dict(headers)
@@ -214,6 +251,8 @@ class RelayResponse(StreamingResponse):
         self._model_id = model_id
         self._deadline = deadline
         self._on_close = on_close
+        self._token_ids = list(token_ids)
+        self._resume = resume
         self._finished = False  # the model's stream ended (cleanly or not): nothing to cancel
         self._timed_out = False
         self._end: StreamEnd | None = None  # how the model's stream ended, once it has
@@ -239,19 +278,47 @@ class RelayResponse(StreamingResponse):
     async def _relay(self, first: bytes) -> AsyncIterator[bytes]:
         yield first
         end = StreamEnd(200)
-        try:
-            async for chunk in self._stream:
-                if isinstance(chunk, LastChunk):
-                    end = StreamEnd(chunk.status, chunk.code, chunk.usage)
-                    chunk = chunk.body
-                yield chunk
-        except Exception as exc:
-            error: GatewayError
-            if self._timed_out:
-                error = DeadlineExceeded(f"The request to model {self._model_id} ran past its timeout.")
-            else:
-                error = model_call_error(self._model_id, exc)
-            end = StreamEnd(error.status, error.code)
-            yield error_event(error)
+        resumes = 0
+        while True:
+            try:
+                async for chunk in self._stream:
+                    if isinstance(chunk, TokenChunk):
+                        self._token_ids.extend(chunk.token_ids)
+                        chunk = chunk.body
+                    elif isinstance(chunk, LastChunk):
+                        end = StreamEnd(chunk.status, chunk.code, chunk.usage)
+                        chunk = chunk.body
+                    yield chunk
+                break
+            except Exception as exc:
+                failure: Exception = exc
+                if self._may_resume(exc, resumes):
+                    resumes += 1
+                    try:
+                        self._stream, head = await self._resume(tuple(self._token_ids))
+                    except Exception as resume_failure:
+                        failure = resume_failure
+                    else:
+                        self._token_ids.extend(head.token_ids)
+                        if head.usage is not None:  # the rest came whole
+                            end = StreamEnd(200, usage=head.usage)
+                        yield head.body
+                        continue
+                error: GatewayError
+                if self._timed_out:
+                    error = DeadlineExceeded(f"The request to model {self._model_id} ran past its timeout.")
+                else:
+                    error = model_call_error(self._model_id, failure)
+                end = StreamEnd(error.status, error.code)
+                yield error_event(error)
+                break
         self._finished = True
         self._end = end
+
+    def _may_resume(self, failure: Exception, resumes: int) -> bool:
+        return (
+            self._resume is not None
+            and not self._timed_out
+            and resumes < MAX_RESUMES
+            and is_replica_lost(failure)
+        )

@@ -29,6 +29,8 @@ class Usage:
     completion_tokens: int = 0
     # Engine calls whose outputs arrive only when they finish, and have not: tokens unknown.
     unfinished_final_only: int = 0
+    # The generated token ids, in order, when the request may be resumed elsewhere (`apps.resume`).
+    output_token_ids: list[int] | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -41,12 +43,16 @@ class Usage:
 
 
 _current_usage: ContextVar[Usage | None] = ContextVar("current_usage", default=None)
+_current_resume: ContextVar[tuple[int, ...] | None] = ContextVar("current_resume", default=None)
 
 
-def start_usage() -> Usage:
-    """A fresh `Usage` that engine calls made from this task (and tasks it starts) count into."""
-    usage = Usage()
+def start_usage(*, track_ids: bool = False, resume: tuple[int, ...] | None = None) -> Usage:
+    """A fresh `Usage` that engine calls made from this task (and tasks it starts) count into.
+    `track_ids`: keep the generated ids. `resume`: ids generated elsewhere that the engine call
+    continues from (appended to its prompt; they count as this request's output)."""
+    usage = Usage(output_token_ids=[] if track_ids or resume is not None else None)
     _current_usage.set(usage)
+    _current_resume.set(resume)
     return usage
 
 
@@ -75,8 +81,13 @@ class MeteredEngine:
                 parameter="messages",
                 value=prompt_tokens,
             )
-        outputs = self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs)
         usage = _current_usage.get()
+        resumed = _current_resume.get()
+        if resumed is not None and usage is not None:
+            prompt, sampling_params = _continued(prompt, sampling_params, resumed)
+            usage.completion_tokens += len(resumed)
+            usage.output_token_ids.extend(resumed)
+        outputs = self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs)
         if usage is None:
             return outputs
         usage.prompt_tokens += prompt_tokens
@@ -95,9 +106,22 @@ async def _counted(outputs: AsyncIterator[Any], usage: Usage, delta: bool) -> As
             now = before + len(choice.token_ids) if delta else len(choice.token_ids)
             seen[choice.index] = now
             usage.completion_tokens += now - before
+            if usage.output_token_ids is not None and choice.index == 0:
+                usage.output_token_ids.extend(choice.token_ids[len(choice.token_ids) - (now - before) :])
         if output.finished and not delta:
             usage.unfinished_final_only -= 1
         yield output
+
+
+def _continued(prompt: Any, sampling_params: Any, resumed: tuple[int, ...]) -> tuple[Any, Any]:
+    """The engine input and sampling parameters that continue a request after `resumed`: the
+    ids appended to the prompt's, `max_tokens` and `min_tokens` lowered by as many."""
+    continued = dict(prompt) | {"prompt_token_ids": list(prompt["prompt_token_ids"]) + list(resumed)}
+    continued.pop("prompt", None)  # the rendered text no longer matches the ids
+    params = sampling_params.clone()
+    params.max_tokens = sampling_params.max_tokens - len(resumed)
+    params.min_tokens = max(0, sampling_params.min_tokens - len(resumed))
+    return continued, params
 
 
 def _prompt_length(prompt: Any) -> int:

@@ -9,8 +9,9 @@ tokens (`ignore_eos`) with log-probabilities, so the client counts the tokens it
 (one log-probability entry per token), whatever the grouping of events. Every request ends as
 exactly one outcome:
 
-    complete            200, `[DONE]`, exactly max_tokens tokens received, usage agrees
-    short               200 and `[DONE]`, but another token count (a token lost or repeated)
+    complete            200, `[DONE]`, exactly max_tokens tokens received, usage agrees, one id
+    short               200 and `[DONE]`, but another token count (a token lost or repeated),
+                        or chunks with different ids
     error-event:CODE    200, then an error event (the stream was ended by the gateway)
     cut                 200, then the connection closed without `[DONE]`
     status:S:CODE       an error answer (S: HTTP status, CODE: OpenAI error code)
@@ -49,6 +50,7 @@ class DrillSettings:
     max_tokens: int = 64
     api_key: str | None = None
     request_timeout_s: float = 180.0
+    temperature: float | None = None  # 0: greedy, so every complete answer is the same text
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Outcome:
     ended_s: float
     tokens: int = 0
     detail: str = ""
+    text: str = ""  # the content received
 
 
 @dataclass
@@ -95,7 +98,7 @@ class DrillReport:
 
 
 def request_body(settings: DrillSettings) -> dict[str, Any]:
-    return {
+    body = {
         "model": settings.model,
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": settings.max_tokens,
@@ -104,27 +107,44 @@ def request_body(settings: DrillSettings) -> dict[str, Any]:
         "logprobs": True,
         "stream_options": {"include_usage": True},
     }
+    if settings.temperature is not None:
+        body["temperature"] = settings.temperature
+    return body
 
 
-def classify_stream(lines: list[str], expected_tokens: int) -> tuple[str, int, str]:
-    """(outcome kind, tokens received, detail) of a 200 stream's `data:` lines, in order."""
-    tokens, usage_tokens = 0, None
+@dataclass(frozen=True)
+class StreamReading:
+    """What a 200 stream delivered: its outcome kind, tokens, a detail, and its text."""
+
+    kind: str
+    tokens: int
+    detail: str
+    text: str
+
+
+def classify_stream(lines: list[str], expected_tokens: int) -> StreamReading:
+    """The outcome of a 200 stream from its `data:` lines, in order."""
+    tokens, usage_tokens, ids, text = 0, None, set(), []
     for line in lines:
         if line == DONE_LINE:
+            if len(ids) > 1:
+                return StreamReading("short", tokens, f"chunks carry several ids: {sorted(ids)}", "".join(text))
             if usage_tokens is not None and usage_tokens != tokens:
-                return "short", tokens, f"usage says {usage_tokens}"
+                return StreamReading("short", tokens, f"usage says {usage_tokens}", "".join(text))
             if tokens != expected_tokens:
-                return "short", tokens, f"expected {expected_tokens}"
-            return COMPLETE, tokens, ""
+                return StreamReading("short", tokens, f"expected {expected_tokens}", "".join(text))
+            return StreamReading(COMPLETE, tokens, "", "".join(text))
         event = json.loads(line[len("data: ") :])
         if "error" in event:
             error = event["error"]
-            return f"error-event:{error.get('code')}", tokens, str(error.get("message"))[:200]
+            return StreamReading(f"error-event:{error.get('code')}", tokens, str(error.get("message"))[:200], "".join(text))
+        ids.add(event.get("id"))
         for choice in event.get("choices") or []:
             tokens += len((choice.get("logprobs") or {}).get("content") or [])
+            text.append((choice.get("delta") or {}).get("content") or "")
         if event.get("usage"):
             usage_tokens = event["usage"].get("completion_tokens")
-    return "cut", tokens, "no [DONE]"
+    return StreamReading("cut", tokens, "no [DONE]", "".join(text))
 
 
 class Drill:
@@ -166,11 +186,11 @@ class Drill:
                         lines.append(line)
         except httpx.HTTPError as exc:
             if lines:  # headers were out: the stream was cut
-                kind, tokens, _ = classify_stream(lines, self.settings.max_tokens)
-                return Outcome("cut", started, self._now(), tokens, type(exc).__name__)
+                reading = classify_stream(lines, self.settings.max_tokens)
+                return Outcome("cut", started, self._now(), reading.tokens, type(exc).__name__, reading.text)
             return Outcome(f"transport:{type(exc).__name__}", started, self._now(), 0, str(exc)[:200])
-        kind, tokens, detail = classify_stream(lines, self.settings.max_tokens)
-        return Outcome(kind, started, self._now(), tokens, detail)
+        reading = classify_stream(lines, self.settings.max_tokens)
+        return Outcome(reading.kind, started, self._now(), reading.tokens, reading.detail, reading.text)
 
 
 def _error_code(text: str) -> str:
@@ -231,10 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=60.0, help="how long clients keep starting requests")
     parser.add_argument("--api-key")
+    parser.add_argument("--temperature", type=float, help="0: greedy (every answer the same text)")
     parser.add_argument("--bucket-s", type=float, default=5.0, help="timeline resolution")
     parser.add_argument("--out", help="write the outcomes as JSON here")
     args = parser.parse_args(argv)
-    settings = DrillSettings(args.url, args.model, args.streams, args.max_tokens, args.api_key)
+    settings = DrillSettings(
+        args.url, args.model, args.streams, args.max_tokens, args.api_key, temperature=args.temperature
+    )
 
     async def timed() -> DrillReport:
         stop = asyncio.Event()
