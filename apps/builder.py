@@ -27,7 +27,9 @@ logger = logging.getLogger("ray.serve")
 TARGET_ONGOING_SHARE = 0.75
 # Health checks start once the constructor (engine start) has returned. A check is cheap
 # (is the engine process alive?); the timeout covers an event loop busy with a large batch.
-HEALTH_CHECK_PERIOD_S = 5.0
+# Serve stops a replica after 3 failed checks in a row: a replica whose engine died leaves the
+# rotation after about 3 periods (its requests meanwhile go to other replicas: apps.failover).
+HEALTH_CHECK_PERIOD_S = 2.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
 # Requests an ingress replica queues per model while all replicas are full or being replaced.
 QUEUED_PER_ONGOING = 2
@@ -78,14 +80,14 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
         "graceful_shutdown_timeout_s": drain_timeout_s([model]),
     }
     routing = model.replicas.routing
-    if routing.policy == "prefix_affinity":
-        options["request_router_config"] = {
-            "request_router_class": "apps.routing:PrefixAffinityRouter",
-            "request_router_kwargs": {
-                "prefix_chars": routing.prefix_chars,
-                "max_imbalance": routing.max_imbalance,
-            },
-        }
+    options["request_router_config"] = {
+        "request_router_class": "apps.routing:PrefixAffinityRouter",
+        "request_router_kwargs": {
+            "prefix_chars": routing.prefix_chars,
+            "max_imbalance": routing.max_imbalance,
+            "prefix_affinity": routing.policy == "prefix_affinity",
+        },
+    }
     autoscaling = model.replicas.autoscaling
     if autoscaling is None:
         options["num_replicas"] = model.replicas.num_replicas

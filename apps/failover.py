@@ -63,6 +63,11 @@ class ReplicaWatch:
         self.startup_s = startup_s
         self._lost_since = None
 
+    @property
+    def in_outage(self) -> bool:
+        """A replica was lost and none has accepted a call since."""
+        return self._lost_since is not None
+
     def lost(self) -> None:
         """A call failed with its replica, or found no replica: a replacement is presumably starting."""
         if self._lost_since is None:

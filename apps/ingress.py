@@ -256,7 +256,7 @@ class Ingress:
             raise
         record.admit(loop.time() - queued)
         try:
-            stream, head = await self._call_model(route, endpoint, shaped, caller, reservation, record)
+            stream, head, replica = await self._call_model(route, endpoint, shaped, caller, reservation, record)
         except BaseException:
             route.gate.release()
             raise
@@ -268,7 +268,7 @@ class Ingress:
             )
         resume = None
         if head.identity is not None:
-            identity = head.identity
+            identity, lost = head.identity, {replica}
 
             async def resume(token_ids: tuple[int, ...]) -> tuple[DeploymentResponseGenerator, ResponseHead]:
                 self._metrics.failovers.inc(tags={"model": shaped.model_id, "kind": "resume"})
@@ -278,9 +278,12 @@ class Ingress:
                     record.request_id,
                     len(token_ids),
                 )
-                return await self._call_model(
-                    route, endpoint, shaped, caller, reservation, record, Resume(token_ids, identity), total_due
+                resumed = Resume(token_ids, identity)
+                stream, head, replica = await self._call_model(
+                    route, endpoint, shaped, caller, reservation, record, resumed, total_due, frozenset(lost)
                 )
+                lost.add(replica)  # should this one be lost too, the next resume avoids it
+                return stream, head
 
         return RelayResponse(
             head.body,
@@ -303,10 +306,13 @@ class Ingress:
         record: RequestRecord,
         resume: Resume | None = None,
         resume_due: float | None = None,
-    ) -> tuple[DeploymentResponseGenerator, ResponseHead]:
+        avoid: frozenset[str] = frozenset(),
+    ) -> tuple[DeploymentResponseGenerator, ResponseHead, str]:
         """Call the model until a replica answers with a head (`apps.failover`): a replica that is
-        lost before its head is replaced by another call, at most MAX_ATTEMPTS in all; the wait
-        for a replica to accept is bounded by the queue deadline. Raises the answer's error.
+        lost before its head is replaced by another call, at most MAX_ATTEMPTS in all, which the
+        router sends to another replica (`avoid`: replicas already lost for this request); the
+        wait for a replica to accept is bounded by the queue deadline. Returns the call, its head
+        and the replica's id; raises the answer's error.
 
         `resume`: continue a stream whose replica was lost (`apps.resume`), due by `resume_due`;
         a replica must accept it at once (the client is mid-stream), and its error answer is
@@ -321,12 +327,13 @@ class Ingress:
             accept_due = queue_due if attempt == 0 else max(queue_due, loop.time() + RETRY_ACCEPT_GRACE_S)
             if head_due is not None:
                 accept_due = min(accept_due, head_due)
-            stream = route.stream.generate.remote(endpoint, shaped.body, reservation, caller.name, resume)
-            accepted = False
+            stream = route.stream.generate.remote(
+                endpoint, shaped.body, reservation, caller.name, resume, avoid_replicas=avoid
+            )
+            accepted: Accepted | None = None
             try:
-                accepted_message: Accepted = await until(anext(stream), accept_due)
-                accepted = True
-                route.replicas.accepted(accepted_message.startup_s)
+                accepted = await until(anext(stream), accept_due)
+                route.replicas.accepted(accepted.startup_s)
                 head: ResponseHead = await until(anext(stream), head_due)
             except BaseException as exc:
                 stream.cancel()
@@ -337,12 +344,12 @@ class Ingress:
                     continue
                 if resume is not None:
                     pass  # the stream's end settles (apps.ingress._stream_closed)
-                elif accepted:
+                elif accepted is not None:
                     self._settle_unless_model_did(reservation, exc)
                 else:
                     self._settle(reservation, used_tokens=0)  # no replica ran it
                 if isinstance(exc, TimeoutError):
-                    if not accepted:
+                    if accepted is None:
                         raise await self._no_replica_accepted(route, shaped.model_id) from None
                     raise DeadlineExceeded(
                         f"Model {shaped.model_id} did not answer in time; the request was aborted."
@@ -352,6 +359,7 @@ class Ingress:
                 raise
             if is_lost_replica_code(head.code):  # its engine is dead; it settled nothing
                 stream.cancel()
+                avoid |= {accepted.replica_id}
                 route.replicas.lost()
                 failure = RuntimeError(f"{head.status} {head.code}")
                 self._failovers(shaped.model_id, record.request_id, f"{head.status} {head.code}")
@@ -359,7 +367,7 @@ class Ingress:
             if resume is not None and head.status != 200:
                 stream.cancel()
                 raise model_call_error(shaped.model_id, _head_error(head))
-            return stream, head
+            return stream, head, accepted.replica_id
         # Every attempt met a lost replica: the model server settled none of them.
         if resume is None:
             self._settle(reservation, used_tokens=0)
@@ -370,9 +378,10 @@ class Ingress:
 
     async def _no_replica_accepted(self, route: ModelRoute, model_id: str) -> GatewayError:
         """The answer to a call no replica accepted by the queue deadline: 503 engine_unavailable
-        when the model has no running replica (Retry-After: when its replacement is expected),
-        else 503 queue_timeout (every replica is full)."""
-        if await self._running_replicas(model_id) == 0:
+        when the model has lost its replicas (Retry-After: when a replacement is expected), else
+        503 queue_timeout (every replica is full). Serve notices a dead replica seconds after the
+        calls to it fail, so a loss seen here counts first."""
+        if route.replicas.in_outage or await self._running_replicas(model_id) == 0:
             route.replicas.lost()
             error: GatewayError = EngineUnavailable(
                 f"Model {model_id} has no running replica; a replacement is starting. Retry later."

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from apps.config import ModelConfig
@@ -137,7 +138,7 @@ class ModelServer:
         await warm_up(model, self._serving, self._request_types)
         self._first_request_logged = False
         self._open_streams = 0
-        self._accepted = Accepted(time.monotonic() - started)
+        self._accepted = Accepted(time.monotonic() - started, serve.get_replica_context().replica_id.unique_id)
         logger.info("Model %s ready after %.0f s: %s", model.id, self._accepted.startup_s, placement)
 
     async def generate(
@@ -147,13 +148,15 @@ class ModelServer:
         reservation: str | None = None,
         key: str = UNAUTHENTICATED,
         resume: Resume | None = None,
+        avoid_replicas: frozenset[str] = frozenset(),
     ) -> AsyncIterator[Accepted | ResponseHead | bytes | TokenChunk | LastChunk]:
         """Run one OpenAI request; yields `Accepted`, a `ResponseHead`, then (streams only) SSE
         bytes, the last of them as a `LastChunk`; a resumable stream's messages are `TokenChunk`s
         (`apps.resume`). `reservation`: the rate limiter's, settled here with the tokens really
         used (except when this engine is dead: the ingress then calls another replica with the
         same reservation). `key`: the caller's key name, for the token metrics. `resume`: continue
-        a stream another replica started."""
+        a stream another replica started. `avoid_replicas`: read by the request router
+        (`apps.routing`), not here."""
         yield self._accepted
         resumable = resume is not None or resume_refusal(endpoint, body) is None
         usage = start_usage(track_ids=resumable, resume=resume.token_ids if resume else None)
@@ -175,11 +178,14 @@ class ModelServer:
             self._count_tokens(usage, key)
 
     def _count_tokens(self, usage: Usage, key: str) -> None:
+        """The tokens this engine processed: a resumed stream's earlier tokens were prompt here."""
         tags = {"model": self._model.id, "key": key}
-        if usage.prompt_tokens:
-            self._metrics.prompt_tokens.inc(usage.prompt_tokens, tags=tags)
-        if usage.completion_tokens:
-            self._metrics.generation_tokens.inc(usage.completion_tokens, tags=tags)
+        prompt = usage.prompt_tokens + usage.resumed_tokens
+        generated = usage.completion_tokens - usage.resumed_tokens
+        if prompt:
+            self._metrics.prompt_tokens.inc(prompt, tags=tags)
+        if generated:
+            self._metrics.generation_tokens.inc(generated, tags=tags)
 
     async def _respond(
         self,
@@ -265,6 +271,8 @@ class ModelServer:
                         sent = progress
             except Exception as exc:  # headers are out: end the stream with an error event
                 failure = self._engine_failure(exc)
+                if ids is not None and is_replica_lost(failure):
+                    settle.abandon()  # the ingress resumes the stream elsewhere, or charges it
                 yield LastChunk(error_event(failure), usage, failure.status, failure.code)
         finally:
             await chunks.aclose()

@@ -9,6 +9,11 @@ prefixes that replica wins or held. When the preferred replica has `max_imbalanc
 `max_ongoing_requests` more requests than the least loaded one, the least loaded wins instead:
 a cache hit saves a prefill, a long queue costs every token.
 
+Both policies run here (`power_of_two` skips the prefix and leaves the choice to Serve's
+least-loaded-of-two), so both honour the ingress's `avoid_replicas` hint: a request sent again
+after its replica's engine died (`apps.failover`) goes to another replica while one exists, where
+rendezvous hashing or a short queue would send it straight back.
+
 Why not Ray's `PrefixCacheAffinityRouter`: it reads the prompt from request objects' `messages` or
 `prompt` attributes (our calls carry a dict), keeps a character trie per replica in a shared
 actor, and calls it with blocking `ray.get` from the handle's event loop.
@@ -31,22 +36,32 @@ DEFAULT_PREFIX_CHARS = 512
 DEFAULT_MAX_IMBALANCE = 0.25
 # The body is the second argument of `ModelServer.generate(endpoint, body, ...)`.
 BODY_ARG = 1
+# `ModelServer.generate`'s keyword argument naming replicas this request must not go back to.
+AVOID_KWARG = "avoid_replicas"
 
 
 class PrefixAffinityRouter(RequestRouter):
     """Routes by the prompt's prefix (rendezvous hashing), falling back to the least loaded."""
 
     def initialize_state(
-        self, prefix_chars: int = DEFAULT_PREFIX_CHARS, max_imbalance: float = DEFAULT_MAX_IMBALANCE
+        self,
+        prefix_chars: int = DEFAULT_PREFIX_CHARS,
+        max_imbalance: float = DEFAULT_MAX_IMBALANCE,
+        prefix_affinity: bool = True,
     ) -> None:
         self._prefix_chars = prefix_chars
         self._max_imbalance = max_imbalance
+        self._prefix_affinity = prefix_affinity
 
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            candidate_replicas = without_avoided(candidate_replicas, pending_request.kwargs.get(AVOID_KWARG))
+        if not self._prefix_affinity:
+            return [candidate_replicas]  # the less loaded of two
         prefix = prompt_prefix(pending_request, self._prefix_chars) if pending_request else ""
         if not prefix or len(candidate_replicas) < 2:
             return [candidate_replicas]  # the least loaded of all
@@ -61,6 +76,14 @@ class PrefixAffinityRouter(RequestRouter):
                 return [candidate_replicas]
         # The preferred replica if it has room, else the least loaded of the others.
         return [[preferred], ranked[1:]]
+
+
+def without_avoided(replicas: list[RunningReplica], avoid: object) -> list[RunningReplica]:
+    """`replicas` less those the request must not go back to, unless that leaves none."""
+    if not avoid:
+        return replicas
+    kept = [replica for replica in replicas if replica.replica_id.unique_id not in avoid]
+    return kept or replicas
 
 
 def rank_by_prefix(prefix: str, replicas: list[RunningReplica]) -> list[RunningReplica]:

@@ -31,13 +31,14 @@ from apps.errors import (
     CLIENT_CLOSED_REQUEST,
     JSON_MEDIA_TYPE,
     DeadlineExceeded,
+    EngineUnavailable,
     GatewayError,
     engine_error,
     error_event,
     error_json,
     model_call_error,
 )
-from apps.failover import is_replica_lost
+from apps.failover import is_lost_replica_code, is_replica_lost
 from apps.resume import MAX_RESUMES, StreamIdentity
 from apps.usage import Usage
 
@@ -52,9 +53,11 @@ VLLM_ERROR_EVENT = b'data: {"error"'
 @dataclass(frozen=True)
 class Accepted:
     """The first message of every model call: a replica runs it. `startup_s`: how long that
-    replica took to start, the ingress's estimate of how long a replacement takes."""
+    replica took to start, the ingress's estimate of how long a replacement takes; `replica_id`:
+    which replica, so that a call sent again can avoid it."""
 
     startup_s: float
+    replica_id: str
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,9 @@ class RelayResponse(StreamingResponse):
                         self._token_ids.extend(chunk.token_ids)
                         chunk = chunk.body
                     elif isinstance(chunk, LastChunk):
+                        if self._resume is not None and is_lost_replica_code(chunk.code):
+                            # Its engine died mid-stream: resumable like a replica that died.
+                            raise EngineUnavailable(f"The engine of model {self._model_id} stopped.")
                         end = StreamEnd(chunk.status, chunk.code, chunk.usage)
                         chunk = chunk.body
                     yield chunk

@@ -31,6 +31,9 @@ class Usage:
     unfinished_final_only: int = 0
     # The generated token ids, in order, when the request may be resumed elsewhere (`apps.resume`).
     output_token_ids: list[int] | None = None
+    # Of completion_tokens, those another replica generated before this one resumed the stream:
+    # the client is charged for them once (here); this engine prefilled them as prompt.
+    resumed_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -86,6 +89,7 @@ class MeteredEngine:
         if resumed is not None and usage is not None:
             prompt, sampling_params = _continued(prompt, sampling_params, resumed)
             usage.completion_tokens += len(resumed)
+            usage.resumed_tokens += len(resumed)
             usage.output_token_ids.extend(resumed)
         outputs = self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs)
         if usage is None:

@@ -67,7 +67,9 @@ def test_replacement_expected_after_a_replicas_start_time_less_what_has_passed()
     watch = ReplicaWatch(clock)
     assert watch.retry_after_s() == UNKNOWN_STARTUP_RETRY_AFTER_S, "no replica seen yet"
     watch.accepted(startup_s=40.0)
+    assert not watch.in_outage
     watch.lost()
+    assert watch.in_outage
     clock.now += 15
     watch.lost()  # a second failure does not restart the count
     assert watch.retry_after_s() == pytest.approx(25.0)
@@ -82,6 +84,7 @@ def test_a_replica_accepting_again_ends_the_outage():
     watch.lost()
     clock.now += 20
     watch.accepted(startup_s=30.0)
+    assert not watch.in_outage
     clock.now += 5
     watch.lost()
     assert watch.retry_after_s() == pytest.approx(30.0), "a new outage counts from its own start"

@@ -1,0 +1,246 @@
+"""Zero-loss operations on the real stack, done for real while streaming clients run
+(`scripts/drill.py` accounts for every request):
+
+- an engine that dies under a replica: requests routed to it are sent again to the other replica
+  before their first token, and the client sees no error;
+- a replica killed mid-stream, with a second replica: every stream completes with its exact
+  token count, the resumed ones with the same text as the uninterrupted ones (greedy);
+- every replica of the model killed: streams past their first token end at once with a clear
+  error event, requests before it and new requests get 503 `engine_unavailable` with a Retry-After
+  within the queue timeout (no wait into a 504), and the replacements serve the next requests;
+- `serve deploy` of an edited file that changes an engine setting: the new replicas start before
+  the old ones stop, and no request fails.
+
+The app is deployed as operators do, with `serve deploy` of a config file (Serve's REST API on
+the dashboard), on a 2-CPU Ray instance: one model, two replicas.
+"""
+
+from __future__ import annotations
+
+import glob
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import ray
+import yaml
+from ray import serve
+from ray.serve.schema import ApplicationStatus, ReplicaState
+
+from apps.builder import deployment_name
+from scripts.drill import COMPLETE, DrillReport, DrillSettings, DrillThread
+from tests.conftest import app_args
+
+PORT = 18800
+URL = f"http://127.0.0.1:{PORT}"
+MODEL = "tiny-chat"
+REPLICA_CLASS = f"ServeReplica:llm:{deployment_name(MODEL)}"
+QUEUE_TIMEOUT_S = 6.0
+STREAM_TOKENS = 200
+RECOVERY_TIMEOUT_S = 300
+SERVE = str(Path(sys.executable).parent / "serve")
+
+
+def serve_config(max_num_seqs: int = 64) -> dict[str, Any]:
+    args = app_args("app.yaml", local_paths=True)
+    (model,) = [m for m in args["models"] if m["id"] == MODEL]
+    model["engine"]["max_num_seqs"] = max_num_seqs
+    model["replicas"] = {"num_replicas": 2}
+    model["admission"] = {"queue_timeout_s": QUEUE_TIMEOUT_S}
+    args["models"] = [model]
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": PORT},
+        "applications": [{"name": "llm", "route_prefix": "/", "import_path": "apps.builder:build_app", "args": args}],
+    }
+
+
+def serve_deploy(config: dict[str, Any], path: Path) -> None:
+    """`serve deploy FILE`, as an operator runs it."""
+    path.write_text(yaml.safe_dump(config))
+    done = subprocess.run([SERVE, "deploy", str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory) -> Iterator[Path]:
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)  # dashboard: serve deploy's API
+    try:
+        config_file = tmp_path_factory.mktemp("ops") / "app.yaml"
+        serve_deploy(serve_config(), config_file)
+        wait_until_serving(2)
+        yield config_file
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def running_replicas() -> int | None:
+    """RUNNING replicas of the model; None while Serve reports no deployment (a rebuild)."""
+    status = serve.status().applications.get("llm")
+    if status is None or deployment_name(MODEL) not in status.deployments:
+        return None
+    return status.deployments[deployment_name(MODEL)].replica_states.get(ReplicaState.RUNNING, 0)
+
+
+def wait_until_serving(replicas: int, replaced: set[int] = frozenset()) -> None:
+    """Until the app is RUNNING with `replicas` replicas of the model, none of them the
+    processes `replaced`, and answers."""
+    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        application = serve.status().applications.get("llm")
+        settled = application is not None and application.status == ApplicationStatus.RUNNING
+        gone = replaced.isdisjoint(p.pid for p in replica_processes())
+        if settled and gone and running_replicas() == replicas and _answers():
+            return
+        time.sleep(1)
+    pytest.fail(f"the app did not get back to {replicas} serving replicas: {serve.status()}")
+
+
+def _answers() -> bool:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    try:
+        return httpx.post(f"{URL}/v1/chat/completions", json=body, timeout=30).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def replica_processes() -> list[psutil.Process]:
+    return [
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if (process.info["cmdline"] or [""])[0].startswith(f"ray::{REPLICA_CLASS}")
+    ]
+
+
+def busiest(processes: list[psutil.Process], window_s: float = 1.5) -> psutil.Process:
+    """The replica whose process tree used the most CPU over `window_s` (the one streaming)."""
+
+    def cpu(process: psutil.Process) -> float:
+        tree = [process, *process.children(recursive=True)]
+        return sum(p.cpu_times().user + p.cpu_times().system for p in tree)
+
+    before = {p.pid: cpu(p) for p in processes}
+    time.sleep(window_s)
+    return max(processes, key=lambda p: cpu(p) - before[p.pid])
+
+
+def ingress_log_lines(text: str) -> list[str]:
+    lines = []
+    for path in glob.glob("/tmp/ray/session_latest/logs/serve/replica_llm_ingress_*.log"):
+        lines += [line for line in Path(path).read_text(errors="replace").splitlines() if text in line]
+    return lines
+
+
+def drill(streams: int = 6) -> DrillThread:
+    settings = DrillSettings(URL, MODEL, streams=streams, max_tokens=STREAM_TOKENS, temperature=0)
+    return DrillThread(settings).start()
+
+
+def wait_for_completions(running: DrillThread, count: int, limit_s: float = 240) -> None:
+    target = running.completed() + count
+    deadline = time.monotonic() + limit_s
+    while running.completed() < target:
+        assert time.monotonic() < deadline, f"fewer than {count} requests completed in {limit_s:.0f}s"
+        time.sleep(0.2)
+
+
+def assert_all_complete(report: DrillReport) -> None:
+    assert report.outcomes, "the drill sent nothing"
+    assert not report.failures, report.summary()
+
+
+def test_requests_routed_to_a_dead_engine_are_sent_again_to_the_other_replica(gateway):
+    retried_before = len(ingress_log_lines("before its first token"))
+    replica = replica_processes()[0]
+    engines = [p for p in replica.children() if "EngineCore" in " ".join(p.cmdline())]
+    assert engines, "no engine core process under the replica"
+    for engine in engines:
+        engine.kill()
+    statuses = []
+    for i in range(16):  # distinct prompts: the router spreads them over both replicas
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"question {i} " * 40}], "max_tokens": 4}
+        response = httpx.post(f"{URL}/v1/chat/completions", json=body, timeout=60)
+        statuses.append((response.status_code, response.text[:200]))
+    assert all(status == 200 for status, _ in statuses), statuses
+    assert len(ingress_log_lines("before its first token")) > retried_before, (
+        "no request met the dead engine: the test proved nothing"
+    )
+    wait_until_serving(2, replaced={replica.pid})  # Serve's health check replaces the replica
+
+
+def test_a_replica_killed_mid_stream_resumes_its_streams_on_the_other_with_every_token(gateway):
+    resumed_before = len(ingress_log_lines("resuming on another"))
+    running = drill()
+    wait_for_completions(running, 6)
+    victim = busiest(replica_processes())
+    time.sleep(0.5)  # the streams are mid-way
+    victim.kill()
+    killed_at = running.elapsed_s()
+    wait_for_completions(running, 12)
+    report = running.stop()
+    assert_all_complete(report)
+    resumed = len(ingress_log_lines("resuming on another")) - resumed_before
+    cut_short = [o for o in report.outcomes if o.started_s < killed_at < o.ended_s]
+    assert resumed >= 1 and cut_short, f"no stream was cut by the kill (resumed {resumed})"
+    texts = {outcome.text for outcome in report.outcomes}
+    assert len(texts) == 1, "a resumed stream's greedy text differs from an uninterrupted one's"
+    wait_until_serving(2, replaced={victim.pid})
+
+
+def test_with_no_replica_left_streams_end_with_an_error_event_and_new_requests_get_503_in_time(gateway):
+    running = drill(streams=2)
+    wait_for_completions(running, 2)
+    victims = replica_processes()
+    for process in victims:
+        process.kill()
+    killed_at = running.elapsed_s()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    started = time.monotonic()
+    refused = httpx.post(f"{URL}/v1/chat/completions", json=body, timeout=120)
+    waited_s = time.monotonic() - started
+    report = running.stop(timeout_s=RECOVERY_TIMEOUT_S)
+
+    cut = [o for o in report.outcomes if o.started_s < killed_at < o.ended_s]
+    assert cut, "no stream was running at the kill"
+    for outcome in cut:
+        if outcome.kind == "error-event:engine_unavailable":  # had its first token: ends at once
+            assert outcome.ended_s - killed_at < 3.0, f"learned late: {outcome}"
+        elif outcome.kind == "status:503:engine_unavailable":  # had not: waited for a replica
+            assert outcome.ended_s - killed_at < QUEUE_TIMEOUT_S + 3.0, f"waited too long: {outcome}"
+        else:
+            assert outcome.kind == COMPLETE, outcome
+    if refused.status_code == 503:  # else a replacement was already up: served, which is fine too
+        error = refused.json()["error"]
+        assert error["code"] == "engine_unavailable", error
+        assert int(refused.headers["retry-after"]) >= 1, refused.headers
+    else:
+        assert refused.status_code == 200, refused.text
+    assert waited_s < QUEUE_TIMEOUT_S + 5, f"waited {waited_s:.1f}s, past the queue timeout"
+    assert all(o.kind != "status:504:timeout" for o in report.outcomes), report.summary()
+    wait_until_serving(2, replaced={p.pid for p in victims})
+
+
+def test_an_engine_setting_change_rolls_the_replicas_without_losing_a_request(gateway):
+    before = {p.pid for p in replica_processes()}
+    running = drill(streams=4)
+    wait_for_completions(running, 4)
+    serve_deploy(serve_config(max_num_seqs=48), gateway)
+    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+    samples = []
+    while not (before.isdisjoint({p.pid for p in replica_processes()}) and running_replicas() == 2):
+        assert time.monotonic() < deadline, "the rolling update did not finish"
+        samples.append(running_replicas())
+        time.sleep(0.5)
+    fewest_running = min(sample for sample in samples if sample is not None)
+    wait_for_completions(running, 4)
+    report = running.stop()
+    assert_all_complete(report)
+    assert fewest_running == 2, f"capacity dropped to {fewest_running} running replicas during the update"
+    assert serve.status().applications["llm"].status == ApplicationStatus.RUNNING
