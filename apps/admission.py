@@ -225,6 +225,12 @@ class ModelRoute:
     stream: Any  # DeploymentHandle with stream=True
     replicas: ReplicaWatch = field(default_factory=ReplicaWatch)
 
+    @property
+    def scales_to_zero(self) -> bool:
+        """The model may have no replica on purpose (autoscaling `min_replicas: 0`)."""
+        autoscaling = self.config.replicas.autoscaling
+        return autoscaling is not None and autoscaling.min_replicas == 0
+
     def deadlines(self, arrived: float, streaming: bool) -> tuple[float | None, float | None]:
         """(head, total): when the first bytes (for a stream: the first token) and the whole
         answer are due, in loop time; None: no limit."""

@@ -24,17 +24,20 @@ its `x-ratelimit-*` headers. Every request leaves its metrics and an access-log 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
-from ray.serve.schema import ReplicaState
+from ray.serve.schema import ReplicaState, ServeStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from apps.admission import ModelRoute, gate_for, until
@@ -56,14 +59,13 @@ from apps.errors import (
 from apps.failover import (
     MAX_ATTEMPTS,
     RETRY_ACCEPT_GRACE_S,
-    ReplicaWatch,
     is_lost_replica_code,
     is_replica_lost,
 )
 from apps.metrics import ingress_metrics
 from apps.prefixes import VolatilePrefixWatch, apply_system_prompt
 from apps.rate_limits import Settler, rate_limit_error, ratelimit_headers
-from apps.resume import Resume
+from apps.resume import Resume, StreamIdentity
 from apps.streaming import SSE_MEDIA_TYPE, Accepted, RelayResponse, ResponseHead, StreamEnd
 from apps.telemetry import RequestRecord, RequestTelemetry, export_gauges, request_record
 from apps.validation import (
@@ -82,6 +84,21 @@ BACKSTOP_SETTLE_DELAY_S = 5.0
 # A reservation call that takes longer means the limiter is down or restarting: 503, not a hang.
 LIMITER_TIMEOUT_S = 5.0
 LATE_UNDO_DELAY_S = 1.0
+
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """One admitted request on its way to its model: what its first call, the calls sent again
+    and its resumes all need."""
+
+    route: ModelRoute
+    endpoint: Endpoint
+    shaped: ShapedRequest
+    caller: Caller
+    reservation: str | None  # the rate limiter's, if the key is limited
+    record: RequestRecord
+
 
 app = FastAPI(title="LLM gateway", description="OpenAI-compatible API over vLLM engines.")
 app.add_middleware(RequestTelemetry)
@@ -169,25 +186,35 @@ class Ingress:
     async def health(self) -> Response:
         """Serve's own view (controller state), so probes neither queue behind generation nor
         wake a model scaled to zero."""
-        try:
-            status = await asyncio.wait_for(asyncio.to_thread(serve.status), self._health_timeout_s)
-        except Exception as exc:
-            logger.warning("Health check could not read Serve's status: %r", exc)
+        status = await self._serve_status()
+        if status is None:
             error = EngineUnavailable("Serve's status is unavailable.")
             return JSONResponse(error_body(error), status_code=error.status)
-        not_ready = []
-        for model_id, handle in self._models.items():
-            autoscaling = self._routes[model_id].config.replicas.autoscaling
-            if autoscaling is not None and autoscaling.min_replicas == 0:
-                continue  # scaled to zero on purpose: the next request starts a replica
-            application = status.applications.get(handle.app_name)
-            deployment = application.deployments.get(handle.deployment_name) if application else None
-            if deployment is None or not deployment.replica_states.get(ReplicaState.RUNNING, 0):
-                not_ready.append(model_id)
+        not_ready = [
+            model_id
+            for model_id in self._models
+            # A model scaled to zero on purpose: the next request starts a replica.
+            if not self._routes[model_id].scales_to_zero and not self._running(status, model_id)
+        ]
         if not_ready:
             error = EngineUnavailable(f"Models without a ready replica: {not_ready}")
             return JSONResponse(error_body(error), status_code=error.status)
         return JSONResponse({"status": "ok", "models": list(self._models)})
+
+    async def _serve_status(self) -> ServeStatus | None:
+        """Serve's status from its controller; None when it does not answer in time."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(serve.status), self._health_timeout_s)
+        except Exception as exc:
+            logger.warning("Could not read Serve's status: %r", exc)
+            return None
+
+    def _running(self, status: ServeStatus, model_id: str) -> int:
+        """RUNNING replicas of a model in `status`."""
+        handle = self._models[model_id]
+        application = status.applications.get(handle.app_name)
+        deployment = application.deployments.get(handle.deployment_name) if application else None
+        return deployment.replica_states.get(ReplicaState.RUNNING, 0) if deployment else 0
 
     async def _forward(self, request: Request, endpoint: Endpoint) -> Response:
         record = request_record(request)
@@ -206,8 +233,9 @@ class Ingress:
         reservation = None
         if caller.rate_limited:
             reservation = await self._reserve(caller, shaped, headers)
+        call = ModelCall(route, endpoint, shaped, caller, reservation, record)
         try:
-            return await self._admit_and_call(route, endpoint, shaped, caller, reservation, headers, record)
+            return await self._admit_and_call(call, headers)
         except GatewayError as error:
             error.headers = headers | error.headers
             raise
@@ -235,28 +263,20 @@ class Ingress:
             raise error
         return decision.reservation
 
-    async def _admit_and_call(
-        self,
-        route: ModelRoute,
-        endpoint: Endpoint,
-        shaped: ShapedRequest,
-        caller: Caller,
-        reservation: str | None,
-        headers: dict[str, str],
-        record: RequestRecord,
-    ) -> Response:
+    async def _admit_and_call(self, call: ModelCall, headers: dict[str, str]) -> Response:
+        route, record = call.route, call.record
         head_due, total_due = route.deadlines(record.arrived, record.stream)
         loop = asyncio.get_running_loop()
         queued = loop.time()
         try:
-            await route.gate.acquire(caller.priority, head_due)
+            await route.gate.acquire(call.caller.priority, head_due)
         except BaseException:
             record.queue_wait_s = loop.time() - queued
-            self._settle(reservation, used_tokens=0)  # never reached an engine
+            self._settle(call.reservation, used_tokens=0)  # never reached an engine
             raise
         record.admit(loop.time() - queued)
         try:
-            stream, head, replica = await self._call_model(route, endpoint, shaped, caller, reservation, record)
+            stream, head, replica = await self._call_model(call)
         except BaseException:
             route.gate.release()
             raise
@@ -268,42 +288,46 @@ class Ingress:
             )
         resume = None
         if head.identity is not None:
-            identity, lost = head.identity, {replica}
-
-            async def resume(token_ids: tuple[int, ...]) -> tuple[DeploymentResponseGenerator, ResponseHead]:
-                self._metrics.failovers.inc(tags={"model": shaped.model_id, "kind": "resume"})
-                logger.warning(
-                    "Model %s: stream %s lost its replica after %d tokens; resuming on another.",
-                    shaped.model_id,
-                    record.request_id,
-                    len(token_ids),
-                )
-                resumed = Resume(token_ids, identity)
-                stream, head, replica = await self._call_model(
-                    route, endpoint, shaped, caller, reservation, record, resumed, total_due, frozenset(lost)
-                )
-                lost.add(replica)  # should this one be lost too, the next resume avoids it
-                return stream, head
-
+            resume = functools.partial(self._resume, call, head.identity, {replica}, total_due)
         return RelayResponse(
             head.body,
             stream,
-            shaped.model_id,
+            call.shaped.model_id,
             headers=headers,
             deadline=total_due,
-            on_close=lambda end: self._stream_closed(route, reservation, record, end),
+            on_close=lambda end: self._stream_closed(route, call.reservation, record, end),
             token_ids=head.token_ids,
             resume=resume,
         )
 
+    async def _resume(
+        self,
+        call: ModelCall,
+        identity: StreamIdentity,
+        lost: set[str],
+        due: float | None,
+        token_ids: tuple[int, ...],
+    ) -> tuple[DeploymentResponseGenerator, ResponseHead]:
+        """Continue a stream whose replica was lost after `token_ids` (`apps.resume`), on a
+        replica not in `lost` (the replicas this stream has lost so far, updated here)."""
+        model_id = call.shaped.model_id
+        call.route.replicas.lost()
+        self._metrics.failovers.inc(tags={"model": model_id, "kind": "resume"})
+        logger.warning(
+            "Model %s: stream %s lost its replica after %d tokens; resuming on another.",
+            model_id,
+            call.record.request_id,
+            len(token_ids),
+        )
+        stream, head, replica = await self._call_model(
+            call, Resume(token_ids, identity), due, frozenset(lost)
+        )
+        lost.add(replica)  # should this one be lost too, the next resume avoids it
+        return stream, head
+
     async def _call_model(
         self,
-        route: ModelRoute,
-        endpoint: Endpoint,
-        shaped: ShapedRequest,
-        caller: Caller,
-        reservation: str | None,
-        record: RequestRecord,
+        call: ModelCall,
         resume: Resume | None = None,
         resume_due: float | None = None,
         avoid: frozenset[str] = frozenset(),
@@ -317,37 +341,39 @@ class Ingress:
         `resume`: continue a stream whose replica was lost (`apps.resume`), due by `resume_due`;
         a replica must accept it at once (the client is mid-stream), and its error answer is
         raised. The reservation is then left to the stream's end."""
+        route, shaped, record, reservation = call.route, call.shaped, call.record, call.reservation
+        loop = asyncio.get_running_loop()
         head_due, _ = route.deadlines(record.arrived, record.stream)
         queue_due = record.arrived + route.config.admission.queue_timeout_s
+        if route.scales_to_zero:
+            # Waking a replica is expected to take an engine start: the head deadline bounds it.
+            queue_due = head_due if head_due is not None else math.inf
         if resume is not None:
-            head_due, queue_due = resume_due, asyncio.get_running_loop().time() + RETRY_ACCEPT_GRACE_S
-        loop = asyncio.get_running_loop()
-        failure: BaseException | GatewayError | None = None
+            head_due, queue_due = resume_due, loop.time() + RETRY_ACCEPT_GRACE_S
+        failure: Exception | None = None
         for attempt in range(MAX_ATTEMPTS):
             accept_due = queue_due if attempt == 0 else max(queue_due, loop.time() + RETRY_ACCEPT_GRACE_S)
             if head_due is not None:
                 accept_due = min(accept_due, head_due)
             stream = route.stream.generate.remote(
-                endpoint, shaped.body, reservation, caller.name, resume, avoid_replicas=avoid
+                call.endpoint, shaped.body, reservation, call.caller.name, resume, avoid_replicas=avoid
             )
             accepted: Accepted | None = None
             try:
-                accepted = await until(anext(stream), accept_due)
+                accepted = await until(anext(stream), None if accept_due == math.inf else accept_due)
                 route.replicas.accepted(accepted.startup_s)
                 head: ResponseHead = await until(anext(stream), head_due)
             except BaseException as exc:
                 stream.cancel()
                 if isinstance(exc, Exception) and is_replica_lost(exc):
-                    route.replicas.lost()
                     failure = exc
-                    self._failovers(shaped.model_id, record.request_id, type(exc).__name__)
+                    avoid = self._lost(call, avoid, accepted, type(exc).__name__)
                     continue
-                if resume is not None:
-                    pass  # the stream's end settles (apps.ingress._stream_closed)
-                elif accepted is not None:
-                    self._settle_unless_model_did(reservation, exc)
-                else:
-                    self._settle(reservation, used_tokens=0)  # no replica ran it
+                if resume is None:  # a resumed stream is settled when it ends (_stream_closed)
+                    if accepted is None:
+                        self._settle(reservation, used_tokens=0)  # no replica ran it
+                    else:
+                        self._settle_unless_model_did(reservation, exc)
                 if isinstance(exc, TimeoutError):
                     if accepted is None:
                         raise await self._no_replica_accepted(route, shaped.model_id) from None
@@ -359,10 +385,8 @@ class Ingress:
                 raise
             if is_lost_replica_code(head.code):  # its engine is dead; it settled nothing
                 stream.cancel()
-                avoid |= {accepted.replica_id}
-                route.replicas.lost()
                 failure = RuntimeError(f"{head.status} {head.code}")
-                self._failovers(shaped.model_id, record.request_id, f"{head.status} {head.code}")
+                avoid = self._lost(call, avoid, accepted, f"{head.status} {head.code}")
                 continue
             if resume is not None and head.status != 200:
                 stream.cancel()
@@ -371,17 +395,41 @@ class Ingress:
         # Every attempt met a lost replica: the model server settled none of them.
         if resume is None:
             self._settle(reservation, used_tokens=0)
-        logger.warning("Model %s: %d calls of one request lost their replica: %r", shaped.model_id, MAX_ATTEMPTS, failure)
-        error = EngineUnavailable(f"Model {shaped.model_id} has no live replica for this request; retry later.")
+        logger.warning(
+            "Model %s: %d calls of request %s lost their replica: %r",
+            shaped.model_id,
+            MAX_ATTEMPTS,
+            record.request_id,
+            failure,
+        )
+        error = EngineUnavailable(
+            f"Model {shaped.model_id} has no live replica for this request; retry later."
+        )
         error.headers.update(retry_after_headers(route.replicas.retry_after_s()))
         raise error
+
+    def _lost(
+        self, call: ModelCall, avoid: frozenset[str], accepted: Accepted | None, failure: str
+    ) -> frozenset[str]:
+        """A call lost its replica before its head: note the outage, count and log the call sent
+        again, and return the replicas the next call must avoid."""
+        call.route.replicas.lost()
+        self._metrics.failovers.inc(tags={"model": call.shaped.model_id, "kind": "retry"})
+        logger.warning(
+            "Model %s: request %s lost its replica before its first token (%s); sending it again.",
+            call.shaped.model_id,
+            call.record.request_id,
+            failure,
+        )
+        return avoid | {accepted.replica_id} if accepted is not None else avoid
 
     async def _no_replica_accepted(self, route: ModelRoute, model_id: str) -> GatewayError:
         """The answer to a call no replica accepted by the queue deadline: 503 engine_unavailable
         when the model has lost its replicas (Retry-After: when a replacement is expected), else
         503 queue_timeout (every replica is full). Serve notices a dead replica seconds after the
         calls to it fail, so a loss seen here counts first."""
-        if route.replicas.in_outage or await self._running_replicas(model_id) == 0:
+        status = None if route.replicas.in_outage else await self._serve_status()
+        if status is None or self._running(status, model_id) == 0:
             route.replicas.lost()
             error: GatewayError = EngineUnavailable(
                 f"Model {model_id} has no running replica; a replacement is starting. Retry later."
@@ -392,27 +440,6 @@ class Ingress:
             f"Model {model_id}: no replica had room within the queue timeout. Retry later.",
             reason="queue_timeout",
             retry_after_s=route.gate.retry_after_s(),
-        )
-
-    async def _running_replicas(self, model_id: str) -> int | None:
-        """RUNNING replicas of a model in Serve's view (None: Serve's status is unavailable)."""
-        try:
-            status = await asyncio.wait_for(asyncio.to_thread(serve.status), self._health_timeout_s)
-        except Exception as exc:
-            logger.warning("Could not read Serve's status: %r", exc)
-            return None
-        handle = self._models[model_id]
-        application = status.applications.get(handle.app_name)
-        deployment = application.deployments.get(handle.deployment_name) if application else None
-        return deployment.replica_states.get(ReplicaState.RUNNING, 0) if deployment else 0
-
-    def _failovers(self, model_id: str, request_id: str, failure: object) -> None:
-        self._metrics.failovers.inc(tags={"model": model_id, "kind": "retry"})
-        logger.warning(
-            "Model %s: request %s lost its replica before its first token (%s); sending it again.",
-            model_id,
-            request_id,
-            failure,
         )
 
     def _stream_closed(

@@ -39,8 +39,8 @@ from apps.errors import (
 )
 from apps.metrics import UNAUTHENTICATED, model_server_metrics
 from apps.placement import omp_threads_bind, placement_for
-from apps.rate_limits import Settler
 from apps.failover import is_replica_lost
+from apps.rate_limits import Settler
 from apps.resume import Resume, ResumedEvents, resume_refusal, stream_identity
 from apps.streaming import (
     SSE_MEDIA_TYPE,
@@ -138,7 +138,8 @@ class ModelServer:
         await warm_up(model, self._serving, self._request_types)
         self._first_request_logged = False
         self._open_streams = 0
-        self._accepted = Accepted(time.monotonic() - started, serve.get_replica_context().replica_id.unique_id)
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        self._accepted = Accepted(time.monotonic() - started, replica_id)
         logger.info("Model %s ready after %.0f s: %s", model.id, self._accepted.startup_s, placement)
 
     async def generate(
@@ -213,11 +214,13 @@ class ModelServer:
             rewriter = ResumedEvents(resume.identity, usage.prompt_tokens, len(resume.token_ids))
             result = rewriter.events(result)
         self._open_streams += 1
+        stream = self._stream(result, settle, usage, resume)
         try:
-            async for item in self._stream(result, settle, usage, resume):
+            async for item in stream:
                 yield item
         finally:
             self._open_streams -= 1
+            await stream.aclose()  # however this call ends, the engine request ends with it
 
     async def _stream(
         self, events: AsyncIterator[str], settle: _Settlement, usage: Usage, resume: Resume | None

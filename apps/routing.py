@@ -21,6 +21,7 @@ actor, and calls it with blocking `ray.get` from the handle's event loop.
 
 from __future__ import annotations
 
+import random
 import zlib
 from typing import Any
 
@@ -61,7 +62,7 @@ class PrefixAffinityRouter(RequestRouter):
         if pending_request is not None:
             candidate_replicas = without_avoided(candidate_replicas, pending_request.kwargs.get(AVOID_KWARG))
         if not self._prefix_affinity:
-            return [candidate_replicas]  # the less loaded of two
+            return [two_at_random(candidate_replicas)]  # Serve then takes the less loaded
         prefix = prompt_prefix(pending_request, self._prefix_chars) if pending_request else ""
         if not prefix or len(candidate_replicas) < 2:
             return [candidate_replicas]  # the least loaded of all
@@ -76,6 +77,12 @@ class PrefixAffinityRouter(RequestRouter):
                 return [candidate_replicas]
         # The preferred replica if it has room, else the least loaded of the others.
         return [[preferred], ranked[1:]]
+
+
+def two_at_random(replicas: list[RunningReplica]) -> list[RunningReplica]:
+    """Power of two choices: two replicas drawn at random, in random order (Serve takes the
+    less loaded, the first of equals: a fixed order would send every tie to one replica)."""
+    return random.sample(replicas, min(2, len(replicas)))
 
 
 def without_avoided(replicas: list[RunningReplica], avoid: object) -> list[RunningReplica]:

@@ -35,6 +35,10 @@ class Usage:
     # the client is charged for them once (here); this engine prefilled them as prompt.
     resumed_tokens: int = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to the ingress with the answer, which needs the counts only: the ids stay here.
+        return self.__dict__ | {"output_token_ids": None}
+
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens

@@ -9,7 +9,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from apps.routing import PrefixAffinityRouter, prompt_prefix, prompt_text, rank_by_prefix
+from apps.routing import (
+    AVOID_KWARG,
+    PrefixAffinityRouter,
+    prompt_prefix,
+    prompt_text,
+    rank_by_prefix,
+    two_at_random,
+    without_avoided,
+)
 
 
 @dataclass(frozen=True)
@@ -115,3 +123,37 @@ def test_a_much_busier_preferred_replica_is_passed_over(preferred_load, routed_b
 
 def test_a_request_without_a_prompt_goes_to_the_least_loaded():
     assert choose(router({}), FakePending(args=["chat", {}], kwargs={})) == [REPLICAS]
+
+
+def test_a_request_sent_again_avoids_the_replicas_that_failed_it_while_others_exist():
+    replicas = [FakeReplica(FakeId(name)) for name in ("a", "b", "c")]
+    assert [r.replica_id.unique_id for r in without_avoided(replicas, frozenset({"a", "c"}))] == ["b"]
+    assert without_avoided(replicas, frozenset()) == replicas
+    assert without_avoided(replicas, frozenset({"a", "b", "c"})) == replicas, "none left: all of them"
+
+
+def test_power_of_two_draws_two_distinct_replicas():
+    replicas = [FakeReplica(FakeId(name)) for name in "abcdef"]
+    for _ in range(50):
+        drawn = two_at_random(replicas)
+        assert len(drawn) == 2 and drawn[0] is not drawn[1]
+    assert {r.replica_id.unique_id for _ in range(200) for r in two_at_random(replicas)} == set("abcdef")
+    pair = replicas[:2]
+    firsts = {two_at_random(pair)[0].replica_id.unique_id for _ in range(100)}
+    assert firsts == {"a", "b"}, "with two replicas, either may come first (ties are broken by order)"
+
+
+def test_the_router_never_sends_a_request_back_to_a_replica_it_must_avoid():
+    instance = router({"r1": 0, "r2": 0, "r3": 0})
+    request = chat("same system prompt " * 10)
+    (preferred,) = choose(instance, request)[0]
+    request.kwargs[AVOID_KWARG] = frozenset({preferred.replica_id.unique_id})
+    groups = choose(instance, request)
+    assert all(preferred not in group for group in groups), groups
+
+
+def test_without_prefix_affinity_the_router_offers_two_replicas_at_random():
+    instance = router({"r1": 0, "r2": 0, "r3": 0})
+    instance.initialize_state(prefix_affinity=False)
+    (offered,) = choose(instance, chat("s" * 100))
+    assert len(offered) == 2 and offered[0] != offered[1]

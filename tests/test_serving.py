@@ -333,7 +333,7 @@ def test_tp2_replica_has_two_bundles_strict_packed(gateway):
     ]
     assert len(groups) == 1, [group.name for group in list_placement_groups()]
     (group,) = groups
-    assert [bundle["unit_resources"] for bundle in group.bundles] == [{"CPU": 0.5}, {"CPU": 0.5}]
+    assert [bundle["unit_resources"] for bundle in group.bundles] == [{"CPU": 0.25}, {"CPU": 0.25}]
     assert len({bundle["node_id"] for bundle in group.bundles}) == 1, "bundles on one node"
     # The state API does not carry the strategy; the placement group table does.
     assert ray.util.placement_group_table()[group.placement_group_id]["strategy"] == "STRICT_PACK"
