@@ -11,8 +11,11 @@ A request's way through `_forward`:
     -> named system prompt, volatile-prefix check, shape (400)
     -> reserve the key's request and tokens in the shared limiter (429)
     -> wait for a slot of the model (503 when full, shed or out of time)
-    -> call the model server; head within the time-to-first-token timeout (504)
-    -> relay the body until the total timeout
+    -> call the model server: a replica accepts within the queue timeout (else 503
+       engine_unavailable), its head comes within the time-to-first-token timeout (504); a call
+       whose replica is lost before its head is sent again to another (`apps.failover`)
+    -> relay the body until the total timeout; a resumable stream whose replica is lost
+       continues on another replica (`apps.resume`)
 
 The status is known before the first byte (the model server's `ResponseHead`); after it, body
 bytes are relayed as they come, never parsed. Every error is OpenAI's error object, and every
@@ -84,7 +87,6 @@ BACKSTOP_SETTLE_DELAY_S = 5.0
 # A reservation call that takes longer means the limiter is down or restarting: 503, not a hang.
 LIMITER_TIMEOUT_S = 5.0
 LATE_UNDO_DELAY_S = 1.0
-
 
 
 @dataclass(frozen=True)
@@ -335,8 +337,8 @@ class Ingress:
         """Call the model until a replica answers with a head (`apps.failover`): a replica that is
         lost before its head is replaced by another call, at most MAX_ATTEMPTS in all, which the
         router sends to another replica (`avoid`: replicas already lost for this request); the
-        wait for a replica to accept is bounded by the queue deadline. Returns the call, its head
-        and the replica's id; raises the answer's error.
+        wait for a replica to accept is bounded by the queue deadline. Returns the call's stream,
+        its head and the replica's id; raises the answer's error.
 
         `resume`: continue a stream whose replica was lost (`apps.resume`), due by `resume_due`;
         a replica must accept it at once (the client is mid-stream), and its error answer is
@@ -352,6 +354,8 @@ class Ingress:
             head_due, queue_due = resume_due, loop.time() + RETRY_ACCEPT_GRACE_S
         failure: Exception | None = None
         for attempt in range(MAX_ATTEMPTS):
+            # A call sent again gets a moment even past the queue deadline: a live replica
+            # accepts within milliseconds.
             accept_due = queue_due if attempt == 0 else max(queue_due, loop.time() + RETRY_ACCEPT_GRACE_S)
             if head_due is not None:
                 accept_due = min(accept_due, head_due)

@@ -85,7 +85,8 @@ class DrillReport:
         return [(index * bucket_s, dict(buckets[index])) for index in sorted(buckets)]
 
     def summary(self, bucket_s: float = 5.0) -> str:
-        lines = [f"requests: {len(self.outcomes)}  " + "  ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))]
+        counts = "  ".join(f"{kind}={count}" for kind, count in sorted(self.counts.items()))
+        lines = [f"requests: {len(self.outcomes)}  {counts}"]
         for outcome in self.failures:
             lines.append(
                 f"  {outcome.ended_s:7.1f}s {outcome.kind} after {outcome.tokens} tokens "
@@ -125,26 +126,30 @@ class StreamReading:
 def classify_stream(lines: list[str], expected_tokens: int) -> StreamReading:
     """The outcome of a 200 stream from its `data:` lines, in order."""
     tokens, usage_tokens, ids, text = 0, None, set(), []
+
+    def reading(kind: str, detail: str) -> StreamReading:
+        return StreamReading(kind, tokens, detail, "".join(text))
+
     for line in lines:
         if line == DONE_LINE:
             if len(ids) > 1:
-                return StreamReading("short", tokens, f"chunks carry several ids: {sorted(ids)}", "".join(text))
+                return reading("short", f"chunks carry several ids: {sorted(ids)}")
             if usage_tokens is not None and usage_tokens != tokens:
-                return StreamReading("short", tokens, f"usage says {usage_tokens}", "".join(text))
+                return reading("short", f"usage says {usage_tokens}")
             if tokens != expected_tokens:
-                return StreamReading("short", tokens, f"expected {expected_tokens}", "".join(text))
-            return StreamReading(COMPLETE, tokens, "", "".join(text))
+                return reading("short", f"expected {expected_tokens}")
+            return reading(COMPLETE, "")
         event = json.loads(line[len("data: ") :])
         if "error" in event:
             error = event["error"]
-            return StreamReading(f"error-event:{error.get('code')}", tokens, str(error.get("message"))[:200], "".join(text))
+            return reading(f"error-event:{error.get('code')}", str(error.get("message"))[:200])
         ids.add(event.get("id"))
         for choice in event.get("choices") or []:
             tokens += len((choice.get("logprobs") or {}).get("content") or [])
             text.append((choice.get("delta") or {}).get("content") or "")
         if event.get("usage"):
             usage_tokens = event["usage"].get("completion_tokens")
-    return StreamReading("cut", tokens, "no [DONE]", "".join(text))
+    return reading("cut", "no [DONE]")
 
 
 class Drill:
@@ -163,7 +168,10 @@ class Drill:
         headers = {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
         limits = httpx.Limits(max_connections=self.settings.streams * 2)
         async with httpx.AsyncClient(
-            base_url=self.settings.url, headers=headers, timeout=self.settings.request_timeout_s, limits=limits
+            base_url=self.settings.url,
+            headers=headers,
+            timeout=self.settings.request_timeout_s,
+            limits=limits,
         ) as client:
             await asyncio.gather(*(self._client(client, stop) for _ in range(self.settings.streams)))
         return self.report
@@ -180,7 +188,8 @@ class Drill:
             async with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 if response.status_code != 200:
                     text = (await response.aread()).decode(errors="replace")
-                    return Outcome(f"status:{response.status_code}:{_error_code(text)}", started, self._now(), 0, text[:200])
+                    kind = f"status:{response.status_code}:{_error_code(text)}"
+                    return Outcome(kind, started, self._now(), 0, text[:200])
                 async for line in response.aiter_lines():
                     if line.startswith("data: "):
                         lines.append(line)
@@ -268,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.summary(args.bucket_s))
     if args.out:
         with open(args.out, "w") as out:
-            json.dump({"settings": asdict(settings), "outcomes": [asdict(o) for o in report.outcomes]}, out, indent=1)
+            outcomes = [asdict(outcome) for outcome in report.outcomes]
+            json.dump({"settings": asdict(settings), "outcomes": outcomes}, out, indent=1)
     return 0 if report.outcomes and not report.failures else 1
 
 

@@ -57,7 +57,9 @@ def serve_config(max_num_seqs: int = 64) -> dict[str, Any]:
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": PORT},
-        "applications": [{"name": "llm", "route_prefix": "/", "import_path": "apps.builder:build_app", "args": args}],
+        "applications": [
+            {"name": "llm", "route_prefix": "/", "import_path": "apps.builder:build_app", "args": args}
+        ],
     }
 
 
@@ -165,7 +167,8 @@ def test_requests_routed_to_a_dead_engine_are_sent_again_to_the_other_replica(ga
         engine.kill()
     statuses = []
     for i in range(16):  # distinct prompts: the router spreads them over both replicas
-        body = {"model": MODEL, "messages": [{"role": "user", "content": f"question {i} " * 40}], "max_tokens": 4}
+        messages = [{"role": "user", "content": f"question {i} " * 40}]
+        body = {"model": MODEL, "messages": messages, "max_tokens": 4}
         response = httpx.post(f"{URL}/v1/chat/completions", json=body, timeout=60)
         statuses.append((response.status_code, response.text[:200]))
     assert all(status == 200 for status, _ in statuses), statuses
