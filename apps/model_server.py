@@ -48,7 +48,7 @@ from apps.streaming import (
     LastChunk,
     ResponseHead,
     TokenChunk,
-    coalesce_with_progress,
+    coalesce,
     error_head,
     events_per_message,
     first_event_error,
@@ -228,7 +228,7 @@ class ModelServer:
         """A stream's head and messages. With `usage.output_token_ids` kept (a resumable
         stream), each message carries the ids of its tokens."""
         ids = usage.output_token_ids
-        chunks = coalesce_with_progress(
+        chunks = coalesce(
             events, self._events_per_message, (lambda: len(ids)) if ids is not None else (lambda: 0)
         )
         try:

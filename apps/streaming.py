@@ -149,18 +149,6 @@ def events_per_message(open_streams: int, messages_per_step: int | None) -> int:
 
 
 async def coalesce(
-    events: AsyncIterator[str], group_size: Callable[[], int] = lambda: 1
-) -> AsyncIterator[bytes]:
-    """`coalesce_with_progress` without the progress."""
-    messages = coalesce_with_progress(events, group_size)
-    try:
-        async for body, _ in messages:
-            yield body
-    finally:
-        await messages.aclose()  # stops the drain, which aborts the engine request
-
-
-async def coalesce_with_progress(
     events: AsyncIterator[str],
     group_size: Callable[[], int] = lambda: 1,
     progress: Callable[[], int] = lambda: 0,

@@ -24,7 +24,7 @@ from apps.usage import Usage
 
 
 async def collect(source):
-    return [chunk async for chunk in coalesce(source)]
+    return [chunk async for chunk, _ in coalesce(source)]
 
 
 def test_events_ready_together_travel_as_one_message():
@@ -53,7 +53,7 @@ def test_under_load_later_messages_wait_for_a_group_of_events():
             yield f"e{i}"
 
     async def run():
-        return [chunk async for chunk in coalesce(engine_steps(), group_size=lambda: 3)]
+        return [chunk async for chunk, _ in coalesce(engine_steps(), group_size=lambda: 3)]
 
     # The first event alone (time to first token), then groups of 3; the end flushes the rest.
     assert asyncio.run(run()) == [b"e0", b"e1e2e3", b"e4e5e6"]
@@ -70,7 +70,7 @@ def test_a_group_is_cut_short_by_the_end_of_the_stream_or_an_error():
     async def run(fail: bool):
         received = []
         with contextlib.suppress(RuntimeError):
-            async for chunk in coalesce(short(fail), group_size=lambda: 8):
+            async for chunk, _ in coalesce(short(fail), group_size=lambda: 8):
                 received.append(chunk)
         return received
 
@@ -94,7 +94,7 @@ def test_source_error_is_raised_after_events_before_it():
     async def run():
         received = []
         with pytest.raises(RuntimeError, match="engine died"):
-            async for chunk in coalesce(failing()):
+            async for chunk, _ in coalesce(failing()):
                 received.append(chunk)
         return received
 
@@ -244,3 +244,25 @@ def test_a_client_that_leaves_is_a_499_without_an_error_code_and_cancels_the_mod
     ends, _ = relay(stream, client_leaves=True)
     assert ends == [StreamEnd(499)]
     assert stream.cancelled
+
+
+def test_each_message_carries_the_progress_of_its_last_event():
+    """The model server's token count as each event was drained: a message's token ids are
+    exactly those whose events it holds (apps.resume)."""
+    count = 0
+
+    async def counted():
+        nonlocal count
+        for event in ("a", "b", "c"):
+            count += 1  # the engine output is counted before its event is formatted
+            yield event
+            await asyncio.sleep(0)
+
+    async def run():
+        return [message async for message in coalesce(counted(), progress=lambda: count)]
+
+    messages = asyncio.run(run())
+    assert "".join(body.decode() for body, _ in messages) == "abc"
+    assert messages[-1][1] == 3
+    assert [progress for _, progress in messages] == sorted(progress for _, progress in messages)
+    assert all(progress == len(b"".join(body for body, _ in messages[: i + 1])) for i, (_, progress) in enumerate(messages))
