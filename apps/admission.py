@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from apps.config import PRIORITIES, ModelConfig, Priority
 from apps.errors import DeadlineExceeded, Overloaded
 from apps.failover import ReplicaWatch
+from apps.routing import RoutingKnobs
 
 # A replica may hold a few more requests than its engine batches, so the next batch is ready
 # the moment a sequence finishes; more than that would only queue inside the engine.
@@ -118,9 +119,24 @@ class ModelGate:
             )
         waiter.result()  # raises Overloaded if this waiter was evicted
 
+    def adopt_bounds(self, other: ModelGate) -> None:
+        """Take `other`'s bounds and timeout (new live settings), keeping the requests in flight
+        and waiting: a raised bound lets waiters in at once; a lowered one admits nobody new
+        until enough requests have finished."""
+        self.max_in_flight, self.max_queued = other.max_in_flight, other.max_queued
+        self._queue_timeout_s, self._shed_depth = other._queue_timeout_s, dict(other._shed_depth)
+        while self._in_flight < self.max_in_flight and self._hand_to_waiter():
+            self._in_flight += 1
+
     def release(self) -> None:
         """Free a slot: it passes to the best waiter, or back to the pool."""
         self._note_release()
+        # Above a lowered bound (live settings) a freed slot is not handed on.
+        if self._in_flight > self.max_in_flight or not self._hand_to_waiter():
+            self._in_flight -= 1
+
+    def _hand_to_waiter(self) -> bool:
+        """Give a slot to the best waiter; False if nobody waits."""
         for priority in PRIORITIES:
             queue = self._waiting[priority]
             while queue:
@@ -129,8 +145,8 @@ class ModelGate:
                     continue
                 self._depth -= 1
                 waiter.set_result(None)
-                return
-        self._in_flight -= 1
+                return True
+        return False
 
     def retry_after_s(self) -> float:
         """When a request arriving now would likely get a slot, from the observed drain rate."""
@@ -224,6 +240,13 @@ class ModelRoute:
     gate: ModelGate
     stream: Any  # DeploymentHandle with stream=True
     replicas: ReplicaWatch = field(default_factory=ReplicaWatch)
+
+    @property
+    def routing(self) -> RoutingKnobs:
+        """The model's routing settings, as each call carries them to the router."""
+        settings = self.config.routing
+        affinity = settings.policy == "prefix_affinity"
+        return RoutingKnobs(affinity, settings.prefix_chars, settings.max_imbalance)
 
     @property
     def scales_to_zero(self) -> bool:

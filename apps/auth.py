@@ -13,7 +13,7 @@ import hashlib
 import secrets
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from apps.config import ApiKey, AuthSettings, Priority
 from apps.errors import Forbidden, ModelNotFound, Unauthorized
@@ -29,6 +29,8 @@ class Caller:
     priority: Priority
     models: frozenset[str] | None  # None: every model
     rate_limited: bool  # has any per-key limit the shared limiter must check
+    # Its config entry: the limits sent with each reservation.
+    key: ApiKey | None = field(default=None, compare=False)
 
     def may_use(self, model_id: str) -> bool:
         return self.models is None or model_id in self.models
@@ -77,7 +79,9 @@ class KeyTable:
 
 def _caller(key: ApiKey) -> Caller:
     models = frozenset(key.models) if key.models is not None else None
-    return Caller(name=key.name, priority=key.priority, models=models, rate_limited=key.rate_limited)
+    return Caller(
+        name=key.name, priority=key.priority, models=models, rate_limited=key.rate_limited, key=key
+    )
 
 
 def new_key_entry(name: str) -> tuple[str, Mapping[str, str]]:

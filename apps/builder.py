@@ -1,26 +1,43 @@
-"""Build the Serve application from a config: `import_path: apps.builder:build_app`.
+"""Build the gateway's Serve applications (`apps.applications` says which holds what).
 
-Validate once, then one ModelServer deployment per model (its options all derived here from the
-schema) and the ingress bound with `{model_id: handle}`.
+    import_path: apps.builder:build_gateway    the ingress and the rate limiter
+    import_path: apps.builder:build_settings   the live settings
+    import_path: apps.builder:build_model      one model's engine replicas
+
+Each builder validates the whole config its application makes with the others, then derives its
+deployments' options from the schema.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+from collections.abc import Mapping
 from typing import Any
 
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
 
 from apps.admission import replica_max_ongoing
-from apps.config import DEFAULT_MAX_SURGE_PERCENT, AppConfig, ModelConfig, load_config
+from apps.applications import (
+    GATEWAY_IMPORT_PATH,
+    LIMITER_DEPLOYMENT,
+    MODEL_IMPORT_PATH,
+    SETTINGS_IMPORT_PATH,
+    PartError,
+    compose_args,
+    deployed_args,
+    deployment_name,
+)
+from apps.config import DEFAULT_MAX_SURGE_PERCENT, AppConfig, ConfigError, ModelConfig, load_config
 from apps.engine_args import engine_env_vars
 from apps.ingress import Ingress
 from apps.model_server import ModelServer
 from apps.placement import placement_for, unplaceable_reason
 from apps.rate_limits import RateLimiter
+
+__all__ = ["build_gateway", "build_model", "build_settings", "deployment_name"]
 
 logger = logging.getLogger("ray.serve")
 # Autoscaling aims below the batch capacity, so a new replica starts before the batch is full.
@@ -33,27 +50,8 @@ HEALTH_CHECK_PERIOD_S = 2.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
 # Requests an ingress replica queues per model while all replicas are full or being replaced.
 QUEUED_PER_ONGOING = 2
-# A reservation nobody settled (its model replica died mid-request) is charged in full this long
-# after the longest a request may take; requests without a timeout get an hour.
-LEASE_MARGIN_S = 60.0
-UNTIMED_REQUEST_S = 3600.0
 # The limiter answers every rate-limited request; its calls are tiny and never block.
 LIMITER_MAX_ONGOING_REQUESTS = 10_000
-# A stopping replica (rolling update, scale-down, shutdown) takes no new requests and is given
-# this long beyond the longest request it may hold to finish them, before it is killed.
-DRAIN_MARGIN_S = 10.0
-
-
-def drain_timeout_s(models: list[ModelConfig]) -> float:
-    """How long a stopping replica serving `models` waits for its requests: the longest request
-    timeout among them plus a margin (an hour for a model without one)."""
-    longest = max(model.admission.request_timeout_s or UNTIMED_REQUEST_S for model in models)
-    return longest + DRAIN_MARGIN_S
-
-
-def deployment_name(model_id: str) -> str:
-    """Serve deployment name for a model id (ids may hold '/' or ':', names should not)."""
-    return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model_id)
 
 
 def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
@@ -77,17 +75,10 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
         # Rolling updates start the replacement first, and a stopping replica finishes its streams.
         "max_surge_percent": model.replicas.max_surge_percent,
-        "graceful_shutdown_timeout_s": drain_timeout_s([model]),
+        "graceful_shutdown_timeout_s": model.replicas.drain_timeout_s,
     }
-    routing = model.replicas.routing
-    options["request_router_config"] = {
-        "request_router_class": "apps.routing:PrefixAffinityRouter",
-        "request_router_kwargs": {
-            "prefix_chars": routing.prefix_chars,
-            "max_imbalance": routing.max_imbalance,
-            "prefix_affinity": routing.policy == "prefix_affinity",
-        },
-    }
+    # The router's knobs are live settings: each request carries them (`apps.routing`).
+    options["request_router_config"] = {"request_router_class": "apps.routing:PrefixAffinityRouter"}
     autoscaling = model.replicas.autoscaling
     if autoscaling is None:
         options["num_replicas"] = model.replicas.num_replicas
@@ -104,57 +95,101 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
     return options
 
 
-def build_from_config(config: AppConfig) -> Application:
-    """The Serve application for a validated config."""
-    _warn_unplaceable(config)
-    limiter = _limiter(config)
-    models = {
-        model.id: serve.deployment(ModelServer)
-        .options(**model_deployment_options(model))
-        .bind(model, limiter)
-        for model in config.models
-    }
+class Settings:
+    """The live settings' application's one small replica. It serves nothing: the application
+    exists so that Serve builds (validates) an edit of the settings and shows its status; the
+    ingress reads the settings from Serve's controller (`apps.live`)."""
+
+
+def gateway_application(config: AppConfig) -> Application:
+    """The ingress and the rate limiter (it holds every limited key's state; the ingress sends
+    each key's limits with its reservation, so a settings change never restarts it)."""
+    limiter = (
+        serve.deployment(RateLimiter)
+        .options(
+            name=LIMITER_DEPLOYMENT,
+            num_replicas=1,
+            max_ongoing_requests=LIMITER_MAX_ONGOING_REQUESTS,
+            ray_actor_options={"num_cpus": 0},
+        )
+        .bind()
+    )
     ingress = serve.deployment(Ingress).options(
         name="ingress",
         num_replicas=config.ingress.num_replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
-        # The ingress relays every model's streams: it drains as long as the slowest model.
         max_surge_percent=DEFAULT_MAX_SURGE_PERCENT,
-        graceful_shutdown_timeout_s=drain_timeout_s(config.models),
+        graceful_shutdown_timeout_s=config.ingress.drain_timeout_s,
     )
-    return ingress.bind(config, models, limiter)
+    return ingress.bind(config, limiter)
 
 
-def _limiter(config: AppConfig) -> Application | None:
-    """The one rate-limiter replica, when any key has a limit (none: no per-request call)."""
-    keys = [key for key in config.auth.keys if key.rate_limited] if config.auth.enabled else []
-    if not keys:
-        return None
+def settings_application() -> Application:
     return (
-        serve.deployment(RateLimiter)
-        .options(
-            name="rate-limiter",
-            num_replicas=1,
-            max_ongoing_requests=LIMITER_MAX_ONGOING_REQUESTS,
-            ray_actor_options={"num_cpus": 0},
-        )
-        .bind(keys, reservation_lease_s(config))
+        serve.deployment(Settings)
+        .options(name="settings", num_replicas=1, ray_actor_options={"num_cpus": 0})
+        .bind()
     )
 
 
-def reservation_lease_s(config: AppConfig) -> float:
-    """How long an unsettled reservation is held before it is charged in full."""
-    longest = max(
-        model.admission.queue_timeout_s + (model.admission.request_timeout_s or UNTIMED_REQUEST_S)
-        for model in config.models
+class ModelEntrypoint:
+    """A model application's ingress, which takes no traffic. Serve makes one deployment of each
+    application its ingress, and behind HAProxy an ingress may not have a custom request router;
+    the model's deployment has one (`apps.routing`), and the gateway calls it by handle."""
+
+    def __init__(self, model: DeploymentHandle) -> None:
+        del model  # bound only to make the model's deployment part of this application
+
+
+def model_application(config: AppConfig, model_id: str) -> Application:
+    (model,) = [model for model in config.models if model.id == model_id]
+    _warn_unplaceable(config, model)
+    server = serve.deployment(ModelServer).options(**model_deployment_options(model)).bind(model)
+    return (
+        serve.deployment(ModelEntrypoint)
+        .options(name="entrypoint", num_replicas=1, ray_actor_options={"num_cpus": 0})
+        .bind(server)
     )
-    return longest + LEASE_MARGIN_S
 
 
-def build_app(args: dict[str, Any]) -> Application:
-    """Serve's application builder: validates `args` (raising one readable error) and builds."""
-    return build_from_config(load_config(args))
+def build_gateway(args: dict[str, Any]) -> Application:
+    """Serve's builder of the gateway application."""
+    return gateway_application(_whole_config(GATEWAY_IMPORT_PATH, args))
+
+
+def build_settings(args: dict[str, Any]) -> Application:
+    """Serve's builder of the live settings' application."""
+    _whole_config(SETTINGS_IMPORT_PATH, args)  # refuses an invalid edit before anything changes
+    return settings_application()
+
+
+def build_model(args: dict[str, Any]) -> Application:
+    """Serve's builder of one model's application."""
+    config = _whole_config(MODEL_IMPORT_PATH, args)
+    return model_application(config, str(args.get("id")))
+
+
+def _whole_config(import_path: str, args: Mapping[str, Any]) -> AppConfig:
+    """The config this application makes with the others Serve holds (this one's `args` in
+    place of what Serve holds for it), validated whole; one readable `ConfigError` if not.
+    A model's builder also checks the models' checkpoints."""
+    deployed = dict(deployed_args())
+    is_model = import_path == MODEL_IMPORT_PATH
+    mine = [
+        name
+        for name, (path, held) in deployed.items()
+        if path == import_path and (not is_model or held.get("id") == args.get("id"))
+    ]
+    for name in mine:
+        del deployed[name]
+    name = mine[0] if mine else deployment_name(str(args.get("id"))) if is_model else import_path
+    deployed[name] = (import_path, args)
+    try:
+        composed = compose_args(deployed)
+    except PartError as exc:
+        raise ConfigError(f"Invalid application config: {exc}") from None
+    return load_config(composed, check_model_files=is_model)
 
 
 def unplaceable_models(config: AppConfig) -> dict[str, str]:
@@ -168,12 +203,13 @@ def unplaceable_models(config: AppConfig) -> dict[str, str]:
     return {model_id: reason for model_id, reason in reasons.items() if reason is not None}
 
 
-def _warn_unplaceable(config: AppConfig) -> None:
-    """Say now, not after a silent wait, when a model's replica fits on no node of the cluster,
+def _warn_unplaceable(config: AppConfig, model: ModelConfig) -> None:
+    """Say now, not after a silent wait, when `model`'s replica fits on no node of the cluster,
     or when the cluster has no room for a rolling update's extra replica. Serve itself repeats it
     in the deployment's status message once scheduling is slow."""
-    for model_id, reason in unplaceable_models(config).items():
-        logger.error("Model %s cannot be placed on the current cluster: %s", model_id, reason)
+    reason = unplaceable_models(config).get(model.id)
+    if reason is not None:
+        logger.error("Model %s cannot be placed on the current cluster: %s", model.id, reason)
     if not ray.is_initialized():
         return
     totals: dict[str, float] = {}
@@ -181,12 +217,12 @@ def _warn_unplaceable(config: AppConfig) -> None:
         if node.get("Alive"):
             for resource, amount in node["Resources"].items():
                 totals[resource] = totals.get(resource, 0.0) + amount
-    for model_id in models_without_surge_room(config, totals):
+    if model.id in models_without_surge_room(config, totals):
         logger.warning(
             "Model %s: the cluster has no room for a rolling update's extra replica next to the "
             "running ones. An update of this model waits (the old replicas keep serving) until a "
             "node with room joins; set replicas.max_surge_percent: 0 to stop first instead.",
-            model_id,
+            model.id,
         )
 
 

@@ -1,4 +1,11 @@
-"""The application's configuration: one pydantic schema for the `args:` of a Serve config file.
+"""The application's configuration: one pydantic schema, `AppConfig`, for the whole gateway.
+
+A Serve config file splits it over several applications, so that an edit restarts only what it
+must (`apps.applications`): the gateway (`ingress` replica options), the live settings (`auth`,
+the ingress's request settings, and per model `limits`, `admission`, `system_prompts`: applied
+to the running gateway within seconds, nothing restarts; also `routing`) and one application per model (`id`,
+`path`, `engine`, `parallelism`, `replicas`, `warmup`: an edit rolls that model's replicas). Each
+field's description says "Live." where an edit applies without a restart.
 
 Everything else (placement bundles, engine arguments, deployment options, request limits) is
 derived from a validated `AppConfig` in `apps.builder` and `apps.placement`; nothing re-reads the
@@ -37,6 +44,9 @@ DEFAULT_INGRESS_MAX_ONGOING_REQUESTS = 1024
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 # A rolling update starts every new replica before it stops an old one (where the cluster has room).
 DEFAULT_MAX_SURGE_PERCENT = 100
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+# A stopping replica finishes the requests it holds: the default request timeout and a margin.
+DEFAULT_DRAIN_TIMEOUT_S = DEFAULT_REQUEST_TIMEOUT_S + 10.0
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SYSTEM_PROMPT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -247,9 +257,6 @@ class ReplicaSettings(StrictModel):
         ge=1,
         description="Requests Serve sends one replica at once; None: derived from max_num_seqs.",
     )
-    routing: RoutingSettings = Field(
-        default_factory=RoutingSettings, description="How a request picks a replica."
-    )
     max_queued_requests: int | None = Field(
         default=None,
         ge=1,
@@ -268,6 +275,15 @@ class ReplicaSettings(StrictModel):
             "once its replacement is warm, so capacity never drops (the cluster needs room for "
             "them; where it has none, the new replica stays pending and the old keeps serving). "
             "0 stops first: the model has less capacity for a whole engine start."
+        ),
+    )
+    drain_timeout_s: float = Field(
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        gt=0,
+        description=(
+            "How long a stopping replica (rolling update, scale-down, shutdown) keeps serving the "
+            "requests it holds before it is killed; takes no new ones meanwhile. At least the "
+            "model's admission.request_timeout_s, or an update cuts the longest streams."
         ),
     )
     stream_messages_per_step: int | None = Field(
@@ -373,7 +389,7 @@ class AdmissionSettings(StrictModel):
         description="Streams: longest time to the first token (queue wait included); then 504.",
     )
     request_timeout_s: float | None = Field(
-        default=600.0,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
         gt=0,
         description=(
             "Longest time for the whole request; then 504, or an error event ending a stream. "
@@ -438,9 +454,12 @@ class ModelConfig(StrictModel):
     replicas: ReplicaSettings = Field(
         default_factory=ReplicaSettings, description="Replica count or autoscaling."
     )
-    limits: RequestLimits = Field(default_factory=RequestLimits, description="Request shaping.")
+    routing: RoutingSettings = Field(
+        default_factory=RoutingSettings, description="Live. How a request picks a replica."
+    )
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Live. Request shaping.")
     admission: AdmissionSettings = Field(
-        default_factory=AdmissionSettings, description="In-flight bound, wait queue, deadlines."
+        default_factory=AdmissionSettings, description="Live. In-flight bound, wait queue, deadlines."
     )
     warmup: WarmupSettings = Field(
         default_factory=WarmupSettings, description="Hot prompts run before the replica is ready."
@@ -449,9 +468,9 @@ class ModelConfig(StrictModel):
         Annotated[str, Field(pattern=SYSTEM_PROMPT_NAME_PATTERN)], Annotated[str, Field(min_length=1)]
     ] = Field(
         default_factory=dict,
-        description="Named system prompts: a chat request's `system_prompt: NAME` puts the text "
-        "first, byte-identical in every request (so the prefix cache reuses it). Each is warmed "
-        "up like a hot prompt.",
+        description="Live. Named system prompts: a chat request's `system_prompt: NAME` puts the "
+        "text first, byte-identical in every request (so the prefix cache reuses it). A replica "
+        "warms up the prompts named when it starts; one added later warms on its first use.",
     )
 
     @field_validator("path")
@@ -513,11 +532,19 @@ class IngressSettings(StrictModel):
         ge=1,
         description="Concurrent requests one ingress replica handles (Serve's default of 5 throttles streaming).",
     )
+    drain_timeout_s: float = Field(
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        gt=0,
+        description=(
+            "How long a stopping ingress replica keeps relaying the streams it holds: at least "
+            "the longest admission.request_timeout_s of any model."
+        ),
+    )
     health_timeout_s: float = Field(
-        default=2.0, gt=0, description="How long GET /health waits for each model's readiness answer."
+        default=2.0, gt=0, description="Live. How long GET /health waits for Serve's status."
     )
     max_body_bytes: int = Field(
-        default=DEFAULT_MAX_BODY_BYTES, ge=1024, description="Largest request body; more gets 413."
+        default=DEFAULT_MAX_BODY_BYTES, ge=1024, description="Live. Largest request body; more gets 413."
     )
 
 
@@ -552,14 +579,20 @@ class ApiKey(StrictModel):
 
 
 class AuthSettings(StrictModel):
-    """API keys. Off by default so the embedded default runs without any; a gateway facing users
+    """Live: keys are added, removed and changed on the running gateway; a key whose limits did
+    not change keeps its rate-limit state. API keys are off by default so the embedded default runs without any; a gateway facing users
     turns it on."""
 
     enabled: bool = Field(default=False, description="Require `Authorization: Bearer KEY`.")
     keys: list[ApiKey] = Field(default_factory=list, description="The accepted keys.")
     keys_file: str | None = Field(
         default=None,
-        description="A YAML file with a list of more keys (same fields), read when the app is built.",
+        description=(
+            "A YAML file with a list of more keys (same fields), read whenever the settings are "
+            "validated: by the builders and by every ingress replica, so it must be readable on "
+            "every node that runs one (a shared mount, or the same path everywhere). An edit of "
+            "the file alone applies at the next deploy of the settings."
+        ),
     )
 
     @model_validator(mode="before")
@@ -590,7 +623,8 @@ class AuthSettings(StrictModel):
 
 
 class AppConfig(StrictModel):
-    """The `args:` of the application in `configs/*.yaml`."""
+    """The whole gateway: the `args:` of all its applications in `configs/*.yaml`, put together
+    (`apps.applications.compose_args`)."""
 
     models: list[ModelConfig] = Field(min_length=1, description="The models to serve.")
     ingress: IngressSettings = Field(default_factory=IngressSettings, description="HTTP ingress.")
@@ -602,6 +636,26 @@ class AppConfig(StrictModel):
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"Duplicate model ids {duplicates}: make each id unique.")
+        return self
+
+    @model_validator(mode="after")
+    def _drains_outlast_requests(self) -> AppConfig:
+        for model in self.models:
+            timeout = model.admission.request_timeout_s
+            if timeout is None:
+                continue
+            if model.replicas.drain_timeout_s < timeout:
+                raise ValueError(
+                    f"Model {model.id}: replicas.drain_timeout_s ({model.replicas.drain_timeout_s}) "
+                    f"is below admission.request_timeout_s ({timeout}): a rolling update would cut "
+                    "its longest requests."
+                )
+            if self.ingress.drain_timeout_s < timeout:
+                raise ValueError(
+                    f"ingress.drain_timeout_s ({self.ingress.drain_timeout_s}) is below model "
+                    f"{model.id}'s admission.request_timeout_s ({timeout}): an ingress update would "
+                    "cut its longest requests."
+                )
         return self
 
     @model_validator(mode="after")

@@ -31,9 +31,7 @@ import functools
 import json
 import logging
 import math
-import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -43,8 +41,9 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.schema import ReplicaState, ServeStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from apps.admission import ModelRoute, gate_for, until
-from apps.auth import Caller, KeyTable
+from apps.admission import ModelRoute, until
+from apps.applications import deployment_name
+from apps.auth import Caller
 from apps.config import AppConfig
 from apps.errors import (
     DeadlineExceeded,
@@ -65,9 +64,10 @@ from apps.failover import (
     is_lost_replica_code,
     is_replica_lost,
 )
+from apps.live import SettingsWatch, live_settings
 from apps.metrics import ingress_metrics
-from apps.prefixes import VolatilePrefixWatch, apply_system_prompt
-from apps.rate_limits import Settler, rate_limit_error, ratelimit_headers
+from apps.prefixes import apply_system_prompt
+from apps.rate_limits import Settler, rate_limit_error, ratelimit_headers, reservation_lease_s
 from apps.resume import Resume, StreamIdentity
 from apps.streaming import SSE_MEDIA_TYPE, Accepted, RelayResponse, ResponseHead, StreamEnd
 from apps.telemetry import RequestRecord, RequestTelemetry, export_gauges, request_record
@@ -130,50 +130,31 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 class Ingress:
     """Routes each request by its `model` field to that model's deployment, after admission."""
 
-    def __init__(
-        self,
-        config: AppConfig,
-        models: Mapping[str, DeploymentHandle],
-        limiter: DeploymentHandle | None = None,
-    ) -> None:
-        self._keys = KeyTable(config.auth)
+    def __init__(self, config: AppConfig, limiter: DeploymentHandle) -> None:
         self._limiter = limiter
         self._settler = Settler(limiter)
-        self._max_body_bytes = config.ingress.max_body_bytes
-        self._models = dict(models)
-        metrics = self._metrics = ingress_metrics()
-        self._prefix_watches = {
-            model.id: VolatilePrefixWatch(
-                model.id,
-                lambda kind, model_id=model.id: metrics.volatile_prefixes.inc(
-                    tags={"model": model_id, "kind": kind}
-                ),
-            )
-            for model in config.models
-        }
-        self._routes = {
-            model.id: ModelRoute(
-                model,
-                gate_for(model, config.ingress.num_replicas),
-                models[model.id].options(stream=True),
-            )
-            for model in config.models
-        }
+        self._metrics = ingress_metrics()
+        self._live = live_settings(config, None, self._count_volatile_prefix)
         # Serve runs the constructor on the replica's event loop, which serves the requests too.
-        self._gauges = asyncio.get_running_loop().create_task(
-            export_gauges(lambda: {model_id: route.gate.depth for model_id, route in self._routes.items()})
-        )
-        self._health_timeout_s = config.ingress.health_timeout_s
-        created = int(time.time())
-        self._model_list = [
-            {"id": model.id, "object": "model", "created": created, "owned_by": "gateway"}
-            for model in config.models
-        ]
+        loop = asyncio.get_running_loop()
+        self._gauges = loop.create_task(export_gauges(self._queue_depths))
+        self._settings_watch = loop.create_task(SettingsWatch(config, self._swap).run())
+
+    def _queue_depths(self) -> dict[str, int]:
+        return {model_id: route.gate.depth for model_id, route in self._live.routes.items()}
+
+    def _swap(self, config: AppConfig) -> None:
+        """New live settings (`apps.live`): requests already admitted keep the ones they began with."""
+        self._live = live_settings(config, self._live, self._count_volatile_prefix)
+
+    def _count_volatile_prefix(self, model_id: str, kind: str) -> None:
+        self._metrics.volatile_prefixes.inc(tags={"model": model_id, "kind": kind})
 
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
-        caller = self._keys.authenticate(request.headers.get("authorization"))
-        visible = [model for model in self._model_list if caller.may_use(model["id"])]
+        live = self._live
+        caller = live.keys.authenticate(request.headers.get("authorization"))
+        visible = [model for model in live.model_list if caller.may_use(model["id"])]
         return JSONResponse({"object": "list", "data": visible})
 
     @app.post("/v1/chat/completions")
@@ -192,49 +173,52 @@ class Ingress:
         if status is None:
             error = EngineUnavailable("Serve's status is unavailable.")
             return JSONResponse(error_body(error), status_code=error.status)
+        routes = self._live.routes
         not_ready = [
             model_id
-            for model_id in self._models
+            for model_id, route in routes.items()
             # A model scaled to zero on purpose: the next request starts a replica.
-            if not self._routes[model_id].scales_to_zero and not self._running(status, model_id)
+            if not route.scales_to_zero and not self._running(status, model_id)
         ]
         if not_ready:
             error = EngineUnavailable(f"Models without a ready replica: {not_ready}")
             return JSONResponse(error_body(error), status_code=error.status)
-        return JSONResponse({"status": "ok", "models": list(self._models)})
+        return JSONResponse({"status": "ok", "models": list(routes)})
 
     async def _serve_status(self) -> ServeStatus | None:
         """Serve's status from its controller; None when it does not answer in time."""
         try:
-            return await asyncio.wait_for(asyncio.to_thread(serve.status), self._health_timeout_s)
+            timeout = self._live.config.ingress.health_timeout_s
+            return await asyncio.wait_for(asyncio.to_thread(serve.status), timeout)
         except Exception as exc:
             logger.warning("Could not read Serve's status: %r", exc)
             return None
 
     def _running(self, status: ServeStatus, model_id: str) -> int:
         """RUNNING replicas of a model in `status`."""
-        handle = self._models[model_id]
-        application = status.applications.get(handle.app_name)
-        deployment = application.deployments.get(handle.deployment_name) if application else None
+        name = deployment_name(model_id)  # the model's application and deployment
+        application = status.applications.get(name)
+        deployment = application.deployments.get(name) if application else None
         return deployment.replica_states.get(ReplicaState.RUNNING, 0) if deployment else 0
 
     async def _forward(self, request: Request, endpoint: Endpoint) -> Response:
         record = request_record(request)
-        caller = self._keys.authenticate(request.headers.get("authorization"))
+        live = self._live  # one snapshot of the settings for the whole request
+        caller = live.keys.authenticate(request.headers.get("authorization"))
         record.key = caller.name
-        body = parse_body(await read_body(request, self._max_body_bytes))
+        body = parse_body(await read_body(request, live.config.ingress.max_body_bytes))
         model_id = requested_model(body)
         record.stream = body.get("stream") is True
-        self._keys.authorize(caller, model_id, self._routes)
+        live.keys.authorize(caller, model_id, live.routes)
         record.model = model_id  # a served model: metric labels stay bounded
-        route = self._routes[model_id]
+        route = live.routes[model_id]
         body = apply_system_prompt(body, endpoint, model_id, route.config.system_prompts)
-        self._prefix_watches[model_id].check(body, endpoint)
+        live.prefix_watches[model_id].check(body, endpoint)
         shaped = shape_request(body, endpoint, model_id, route.config.limits)
         headers = {"x-max-tokens-clamped": str(shaped.max_tokens)} if shaped.clamped else {}
         reservation = None
         if caller.rate_limited:
-            reservation = await self._reserve(caller, shaped, headers)
+            reservation = await self._reserve(caller, route, shaped, headers)
         call = ModelCall(route, endpoint, shaped, caller, reservation, record)
         try:
             return await self._admit_and_call(call, headers)
@@ -242,10 +226,17 @@ class Ingress:
             error.headers = headers | error.headers
             raise
 
-    async def _reserve(self, caller: Caller, shaped: ShapedRequest, headers: dict[str, str]) -> str:
-        """The caller's reservation in the shared limiter; adds its `x-ratelimit-*` headers."""
+    async def _reserve(
+        self, caller: Caller, route: ModelRoute, shaped: ShapedRequest, headers: dict[str, str]
+    ) -> str:
+        """The caller's reservation in the shared limiter, with the key's current limits; adds
+        its `x-ratelimit-*` headers."""
         reservation = uuid.uuid4().hex
-        call = self._limiter.reserve.remote(caller.name, shaped.reserved_tokens, reservation)
+        admission = route.config.admission
+        lease_s = reservation_lease_s(admission.queue_timeout_s, admission.request_timeout_s)
+        call = self._limiter.reserve.remote(
+            caller.name, shaped.reserved_tokens, reservation, caller.key, lease_s
+        )
         try:
             decision = await asyncio.wait_for(call, LIMITER_TIMEOUT_S)
         except BaseException as exc:
@@ -360,7 +351,14 @@ class Ingress:
             if head_due is not None:
                 accept_due = min(accept_due, head_due)
             stream = route.stream.generate.remote(
-                call.endpoint, shaped.body, reservation, call.caller.name, resume, avoid_replicas=avoid
+                call.endpoint,
+                shaped.body,
+                reservation,
+                call.caller.name,
+                resume,
+                avoid_replicas=avoid,
+                routing=route.routing,
+                max_prompt_tokens=route.config.limits.max_prompt_tokens,
             )
             accepted: Accepted | None = None
             try:

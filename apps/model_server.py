@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from apps.applications import GATEWAY_APP, LIMITER_DEPLOYMENT, deployed_args_async, gateway_app_name
 from apps.config import ModelConfig
 from apps.engine_args import engine_args
 from apps.errors import (
@@ -37,10 +38,11 @@ from apps.errors import (
     engine_error,
     error_event,
 )
+from apps.failover import is_replica_lost
 from apps.metrics import UNAUTHENTICATED, model_server_metrics
 from apps.placement import omp_threads_bind, placement_for
-from apps.failover import is_replica_lost
 from apps.rate_limits import Settler
+from apps.routing import RoutingKnobs
 from apps.resume import Resume, ResumedEvents, resume_refusal, stream_identity
 from apps.streaming import (
     SSE_MEDIA_TYPE,
@@ -74,7 +76,7 @@ SETTLE_WAIT_S = 2.0
 class ModelServer:
     """Serves one model; Serve runs N replicas of it, each with its own engine and placement group."""
 
-    async def __init__(self, model: ModelConfig, limiter: DeploymentHandle | None = None) -> None:
+    async def __init__(self, model: ModelConfig) -> None:
         # vLLM configures logging as it is imported and starts; Serve's log file is put back after.
         started = time.monotonic()
         restore_serve_logging = _serve_logging_saved()
@@ -94,7 +96,7 @@ class ModelServer:
 
         self._model = model
         self._metrics = model_server_metrics()
-        self._settler = Settler(limiter) if limiter is not None else None
+        self._settler = Settler(await _limiter())
         placement = placement_for(model.parallelism)
         if model.parallelism.accelerator == "cpu":
             # Read by vLLM when it starts the workers, so set before the engine exists.
@@ -124,7 +126,7 @@ class ModelServer:
             **(vars(FrontendArgs()) | vars(args) | {"enable_prompt_tokens_details": True})
         )
         await init_app_state(
-            MeteredEngine(self._engine, model.id, model.limits.max_prompt_tokens),
+            MeteredEngine(self._engine, model.id),
             state,
             frontend,
             supported_tasks=await self._engine.get_supported_tasks(),
@@ -150,17 +152,23 @@ class ModelServer:
         key: str = UNAUTHENTICATED,
         resume: Resume | None = None,
         avoid_replicas: frozenset[str] = frozenset(),
+        routing: RoutingKnobs | None = None,
+        max_prompt_tokens: int | None = None,
     ) -> AsyncIterator[Accepted | ResponseHead | bytes | TokenChunk | LastChunk]:
         """Run one OpenAI request; yields `Accepted`, a `ResponseHead`, then (streams only) SSE
         bytes, the last of them as a `LastChunk`; a resumable stream's messages are `TokenChunk`s
         (`apps.resume`). `reservation`: the rate limiter's, settled here with the tokens really
         used (except when this engine is dead: the ingress then calls another replica with the
         same reservation). `key`: the caller's key name, for the token metrics. `resume`: continue
-        a stream another replica started. `avoid_replicas`: read by the request router
-        (`apps.routing`), not here."""
+        a stream another replica started. `avoid_replicas`, `routing`: read by the request
+        router (`apps.routing`), not here. `max_prompt_tokens`: the model's prompt cap (live)."""
         yield self._accepted
         resumable = resume is not None or resume_refusal(endpoint, body) is None
-        usage = start_usage(track_ids=resumable, resume=resume.token_ids if resume else None)
+        usage = start_usage(
+            track_ids=resumable,
+            resume=resume.token_ids if resume else None,
+            max_prompt_tokens=max_prompt_tokens,
+        )
         settle = _Settlement(self._settler, reservation, usage)
         started = time.monotonic()
         try:
@@ -343,6 +351,18 @@ class ModelServer:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+async def _limiter() -> DeploymentHandle:
+    """The gateway's rate limiter, which this replica settles reservations with (it lives in
+    another application: `apps.applications`)."""
+    try:
+        app_name = gateway_app_name(await deployed_args_async()) or GATEWAY_APP
+    except Exception as exc:  # declarative deploys only; the default name otherwise
+        logger.warning("Could not read the deployed applications: %r", exc)
+        app_name = GATEWAY_APP
+    # A handle needs no replica yet (the gateway may still be deploying).
+    return DeploymentHandle(LIMITER_DEPLOYMENT, app_name)
 
 
 def _serve_logging_saved() -> Callable[[], None]:

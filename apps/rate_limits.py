@@ -12,17 +12,22 @@ count; the unused part flows back, and a prompt the estimate undercounted is cha
 (a non-streaming request cut short has no count yet: it is charged all it reserved). A
 reservation nobody settles (its model replica died) is charged in full after a lease, so a lost
 message never leaks a concurrency slot.
+
+Keys are live settings: the ingress sends a key's limits with each reservation, and the limiter
+brings that key's state in line (a bucket keeps its level, capped at a lowered limit). A key whose
+limits did not change is untouched by any edit, so nobody gets a fresh minute from a colleague's
+change, and the limiter never restarts for one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import heapq
 import logging
 import math
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,6 +40,12 @@ LimitKind = Literal["requests", "tokens"]
 # A client retrying a concurrency rejection has nothing better to wait for.
 CONCURRENCY_RETRY_AFTER_S = 1.0
 FLOAT_SLACK_S = 1e-6
+# A reservation nobody settled (its model replica died) is charged in full this long after the
+# longest its request may take; requests without a timeout get an hour.
+LEASE_MARGIN_S = 60.0
+UNTIMED_REQUEST_S = 3600.0
+DEFAULT_LEASE_S = UNTIMED_REQUEST_S + LEASE_MARGIN_S
+COMPACT_SLACK = 1024
 
 
 class TokenBucket:
@@ -46,6 +57,13 @@ class TokenBucket:
         self.rate_per_s = per_minute / 60.0
         self.level = self.capacity
         self._updated = now
+
+    def resize(self, per_minute: int, now: float) -> None:
+        """A new limit: the level so far is kept, capped at the new capacity."""
+        self.refill(now)
+        self.capacity = float(per_minute)
+        self.rate_per_s = per_minute / 60.0
+        self.level = min(self.level, self.capacity)
 
     def refill(self, now: float) -> None:
         self.level = min(self.capacity, self.level + (now - self._updated) * self.rate_per_s)
@@ -100,6 +118,28 @@ class _KeyState:
     max_concurrent: int | None
     in_flight: int = 0
 
+    @classmethod
+    def new(cls, key: ApiKey, now: float) -> _KeyState:
+        state = cls(None, None, None)
+        state.apply(key, now)
+        return state
+
+    def apply(self, key: ApiKey, now: float) -> None:
+        """Take `key`'s limits; a bucket whose limit is unchanged is left as it is."""
+        self.requests = _bucket(self.requests, key.requests_per_minute, now)
+        self.tokens = _bucket(self.tokens, key.tokens_per_minute, now)
+        self.max_concurrent = key.max_concurrent_requests
+
+
+def _bucket(bucket: TokenBucket | None, per_minute: int | None, now: float) -> TokenBucket | None:
+    if per_minute is None:
+        return None
+    if bucket is None:
+        return TokenBucket(per_minute, now)
+    if bucket.capacity != per_minute:
+        bucket.resize(per_minute, now)
+    return bucket
+
 
 @dataclass
 class _Reservation:
@@ -117,24 +157,34 @@ class KeyLimits:
         self._clock = clock
         self._lease_s = lease_s
         now = clock()
-        self._keys = {
-            key.name: _KeyState(
-                requests=TokenBucket(key.requests_per_minute, now) if key.requests_per_minute else None,
-                tokens=TokenBucket(key.tokens_per_minute, now) if key.tokens_per_minute else None,
-                max_concurrent=key.max_concurrent_requests,
-            )
-            for key in keys
-        }
-        # Insertion order is expiry order: every lease is the same length.
-        self._reservations: OrderedDict[str, _Reservation] = OrderedDict()
+        self._keys = {key.name: _KeyState.new(key, now) for key in keys}
+        self._reservations: dict[str, _Reservation] = {}
+        self._expiries: list[tuple[float, str]] = []  # a heap; settled entries are skipped
 
-    def reserve(self, key_name: str, tokens: int, reservation: str | None = None) -> Decision:
+    def reserve(
+        self,
+        key_name: str,
+        tokens: int,
+        reservation: str | None = None,
+        *,
+        limits: ApiKey | None = None,
+        lease_s: float | None = None,
+    ) -> Decision:
         """Admit one request reserving `tokens`, or say which limit refuses it and until when.
         `reservation` is the caller's unique id for it (the ingress makes one, so it can settle
-        a reservation whose answer it never received); None: a fresh one."""
+        a reservation whose answer it never received); None: a fresh one. `limits`: the key's
+        current limits (live settings); None: those it had. `lease_s`: how long the reservation
+        is held unsettled before it is charged in full; None: the limiter's default."""
         now = self._clock()
         self._expire(now)
-        state = self._keys[key_name]
+        state = self._keys.get(key_name)
+        if limits is not None:
+            if state is None:
+                state = self._keys[key_name] = _KeyState.new(limits, now)
+            else:
+                state.apply(limits, now)
+        if state is None:
+            raise KeyError(f"No limits known for key {key_name!r}.")
         for bucket in (state.requests, state.tokens):
             if bucket is not None:
                 bucket.refill(now)
@@ -176,7 +226,9 @@ class KeyLimits:
             state.tokens.level -= tokens
         state.in_flight += 1
         reservation = reservation or uuid.uuid4().hex
-        self._reservations[reservation] = _Reservation(state, tokens, now + self._lease_s)
+        expires = now + (self._lease_s if lease_s is None else lease_s)
+        self._reservations[reservation] = _Reservation(state, tokens, expires)
+        heapq.heappush(self._expiries, (expires, reservation))
         return Decision(
             reservation,
             requests=state.requests.state() if state.requests else None,
@@ -191,6 +243,10 @@ class KeyLimits:
         if held is not None:
             self._release(held, held.tokens if used_tokens is None else used_tokens, now)
         self._expire(now)
+        if len(self._expiries) > 2 * len(self._reservations) + COMPACT_SLACK:
+            # Settled reservations leave their expiry behind; drop them before they pile up.
+            self._expiries = [(held.expires, rid) for rid, held in self._reservations.items()]
+            heapq.heapify(self._expiries)
 
     def in_flight(self, key_name: str) -> int:
         return self._keys[key_name].in_flight
@@ -204,11 +260,11 @@ class KeyLimits:
             )
 
     def _expire(self, now: float) -> None:
-        while self._reservations:
-            reservation, held = next(iter(self._reservations.items()))
-            if held.expires > now:
-                return
-            del self._reservations[reservation]
+        while self._expiries and self._expiries[0][0] <= now:
+            _, reservation = heapq.heappop(self._expiries)
+            held = self._reservations.pop(reservation, None)
+            if held is None:  # settled in time
+                continue
             logger.warning("Reservation %s was never settled; charged in full.", reservation)
             self._release(held, held.tokens, now)
 
@@ -216,11 +272,13 @@ class KeyLimits:
 class RateLimiter:
     """The Serve deployment (one replica) that holds every key's limits for the application."""
 
-    def __init__(self, keys: list[ApiKey], lease_s: float) -> None:
-        self._limits = KeyLimits(keys, lease_s)
+    def __init__(self) -> None:
+        self._limits = KeyLimits([], lease_s=DEFAULT_LEASE_S)
 
-    async def reserve(self, key_name: str, tokens: int, reservation: str) -> Decision:
-        return self._limits.reserve(key_name, tokens, reservation)
+    async def reserve(
+        self, key_name: str, tokens: int, reservation: str, limits: ApiKey, lease_s: float
+    ) -> Decision:
+        return self._limits.reserve(key_name, tokens, reservation, limits=limits, lease_s=lease_s)
 
     async def settle(self, reservation: str, used_tokens: int | None) -> None:
         self._limits.settle(reservation, used_tokens)
@@ -285,3 +343,8 @@ def duration(seconds: float) -> str:
     hours, rest_ms = divmod(ms, 3_600_000)
     minutes, rest_ms = divmod(rest_ms, 60_000)
     return (f"{hours}h" if hours else "") + f"{minutes}m{rest_ms / 1000:g}s"
+
+
+def reservation_lease_s(queue_timeout_s: float, request_timeout_s: float | None) -> float:
+    """How long a model's unsettled reservation is held before it is charged in full."""
+    return queue_timeout_s + (request_timeout_s or UNTIMED_REQUEST_S) + LEASE_MARGIN_S

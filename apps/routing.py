@@ -9,6 +9,9 @@ prefixes that replica wins or held. When the preferred replica has `max_imbalanc
 `max_ongoing_requests` more requests than the least loaded one, the least loaded wins instead:
 a cache hit saves a prefill, a long queue costs every token.
 
+The knobs are live settings: each call carries its model's current ones (`ROUTING_KWARG`, a
+`RoutingKnobs`); the router's own (`initialize_state`) are the defaults for calls without.
+
 Both policies run here (`power_of_two` skips the prefix and leaves the choice to Serve's
 least-loaded-of-two), so both honour the ingress's `avoid_replicas` hint: a request sent again
 after its replica's engine died (`apps.failover`) goes to another replica while one exists, where
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -39,6 +43,17 @@ DEFAULT_MAX_IMBALANCE = 0.25
 BODY_ARG = 1
 # `ModelServer.generate`'s keyword argument naming replicas this request must not go back to.
 AVOID_KWARG = "avoid_replicas"
+# `ModelServer.generate`'s keyword argument carrying the model's routing knobs (`RoutingKnobs`).
+ROUTING_KWARG = "routing"
+
+
+@dataclass(frozen=True)
+class RoutingKnobs:
+    """A model's routing settings (`apps.config.RoutingSettings`), as a call carries them."""
+
+    prefix_affinity: bool = True
+    prefix_chars: int = DEFAULT_PREFIX_CHARS
+    max_imbalance: float = DEFAULT_MAX_IMBALANCE
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -50,20 +65,23 @@ class PrefixAffinityRouter(RequestRouter):
         max_imbalance: float = DEFAULT_MAX_IMBALANCE,
         prefix_affinity: bool = True,
     ) -> None:
-        self._prefix_chars = prefix_chars
-        self._max_imbalance = max_imbalance
-        self._prefix_affinity = prefix_affinity
+        self._defaults = RoutingKnobs(prefix_affinity, prefix_chars, max_imbalance)
 
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        knobs = self._defaults
         if pending_request is not None:
             candidate_replicas = without_avoided(candidate_replicas, pending_request.kwargs.get(AVOID_KWARG))
-        if not self._prefix_affinity:
+            # Not an isinstance check: Serve ships this router to the caller by value, so its
+            # RoutingKnobs is another class object than the one the ingress imported.
+            carried = pending_request.kwargs.get(ROUTING_KWARG)
+            knobs = carried if carried is not None else knobs
+        if not knobs.prefix_affinity:
             return [two_at_random(candidate_replicas)]  # Serve then takes the less loaded
-        prefix = prompt_prefix(pending_request, self._prefix_chars) if pending_request else ""
+        prefix = prompt_prefix(pending_request, knobs.prefix_chars) if pending_request else ""
         if not prefix or len(candidate_replicas) < 2:
             return [candidate_replicas]  # the least loaded of all
         ranked = rank_by_prefix(prefix, candidate_replicas)
@@ -72,7 +90,7 @@ class PrefixAffinityRouter(RequestRouter):
         known = [load for load in loads if load is not None]
         preferred_load = self._replica_queue_len_cache.get(preferred.replica_id)
         if known and preferred_load is not None:
-            allowed = self._max_imbalance * preferred.max_ongoing_requests
+            allowed = knobs.max_imbalance * preferred.max_ongoing_requests
             if preferred_load - min(known) > allowed:
                 return [candidate_replicas]
         # The preferred replica if it has room, else the least loaded of the others.

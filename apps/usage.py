@@ -51,25 +51,32 @@ class Usage:
 
 _current_usage: ContextVar[Usage | None] = ContextVar("current_usage", default=None)
 _current_resume: ContextVar[tuple[int, ...] | None] = ContextVar("current_resume", default=None)
+_current_prompt_cap: ContextVar[int | None] = ContextVar("current_prompt_cap", default=None)
 
 
-def start_usage(*, track_ids: bool = False, resume: tuple[int, ...] | None = None) -> Usage:
+def start_usage(
+    *,
+    track_ids: bool = False,
+    resume: tuple[int, ...] | None = None,
+    max_prompt_tokens: int | None = None,
+) -> Usage:
     """A fresh `Usage` that engine calls made from this task (and tasks it starts) count into.
     `track_ids`: keep the generated ids. `resume`: ids generated elsewhere that the engine call
-    continues from (appended to its prompt; they count as this request's output)."""
+    continues from (appended to its prompt; they count as this request's output).
+    `max_prompt_tokens`: the model's prompt cap (a live setting, so it comes with the request)."""
     usage = Usage(output_token_ids=[] if track_ids or resume is not None else None)
     _current_usage.set(usage)
     _current_resume.set(resume)
+    _current_prompt_cap.set(max_prompt_tokens)
     return usage
 
 
 class MeteredEngine:
     """Wraps vLLM's `AsyncLLM` for its OpenAI serving layer; everything but `generate` passes through."""
 
-    def __init__(self, engine: Any, model_id: str, max_prompt_tokens: int | None) -> None:
+    def __init__(self, engine: Any, model_id: str) -> None:
         self._engine = engine
         self._model_id = model_id
-        self._max_prompt_tokens = max_prompt_tokens
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -79,7 +86,7 @@ class MeteredEngine:
         from vllm.sampling_params import RequestOutputKind
 
         prompt_tokens = _prompt_length(prompt)
-        cap = self._max_prompt_tokens
+        cap = _current_prompt_cap.get()
         if cap is not None and prompt_tokens > cap:
             # Raised before anything is submitted; vLLM's layer answers it with a 400.
             raise VLLMValidationError(

@@ -23,8 +23,10 @@ from typing import Any
 import ray
 import yaml
 from ray import serve
+from ray.serve._private.api import serve_start
+from ray.serve.schema import ServeDeploySchema
 
-from apps.builder import build_app
+from apps.applications import compose_args, split_args
 from scripts.loadgen import RequestResult, merge, ratio_table, run_load, summarize
 from scripts.workloads import make_workload
 
@@ -33,9 +35,9 @@ MODES = ("off", "on")
 
 
 def app_args(warm_prompts: list[str] | None) -> dict[str, Any]:
-    """configs/bench.yaml's args; warm-up off (None) or warmed with these system prompts."""
+    """configs/bench.yaml's whole config; warm-up off (None) or warmed with these system prompts."""
     serve_config = yaml.safe_load((ROOT / "configs" / "bench.yaml").read_text())
-    args = serve_config["applications"][0]["args"]
+    args = compose_args({a["name"]: (a["import_path"], a["args"]) for a in serve_config["applications"]})
     (model,) = args["models"]
     model["path"] = str(ROOT / model["path"])
     if warm_prompts is None:
@@ -45,6 +47,15 @@ def app_args(warm_prompts: list[str] | None) -> dict[str, Any]:
             "prompts": [{"messages": [{"role": "system", "content": p}]} for p in warm_prompts]
         }
     return args
+
+
+def deploy(whole: dict[str, Any], port: int) -> None:
+    """Deploy the config's applications, as `serve deploy` does, and wait until they run."""
+    applications = split_args(whole)
+    client = serve_start(http_options={"host": "127.0.0.1", "port": port})
+    client.deploy_apps(ServeDeploySchema.model_validate({"applications": applications}))
+    for application in applications:
+        client._wait_for_application_running(application["name"], timeout_s=600)
 
 
 def one_window(args: argparse.Namespace, mode: str, seed: int) -> dict[str, Any]:
@@ -59,7 +70,7 @@ def one_window(args: argparse.Namespace, mode: str, seed: int) -> dict[str, Any]
     )
     prefixes = sorted({spec.messages[0]["content"] for spec in specs})
     started = time.monotonic()
-    serve.run(build_app(app_args(prefixes if mode == "on" else None)), name="llm", route_prefix="/")
+    deploy(app_args(prefixes if mode == "on" else None), args.port)
     ready_s = time.monotonic() - started
     try:
         results, elapsed = asyncio.run(
@@ -73,7 +84,7 @@ def one_window(args: argparse.Namespace, mode: str, seed: int) -> dict[str, Any]
             )
         )
     finally:
-        serve.delete("llm")
+        serve.shutdown()
     first = results[0]
     summary = summarize(results, elapsed, slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=50.0)
     return {

@@ -33,21 +33,46 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 import yaml  # noqa: E402
 from ray import serve  # noqa: E402
+from ray.serve._private.api import serve_start  # noqa: E402
 from ray.serve.handle import DeploymentHandle  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from apps.builder import build_app  # noqa: E402
+from apps.applications import GATEWAY_APP, compose_args, split_args  # noqa: E402
+
+APP_START_TIMEOUT_S = 600
 
 
 def app_args(config_file: str, *, local_paths: bool = False) -> dict[str, Any]:
-    """The `args` of the (single) application in a committed Serve config file. `local_paths`:
-    model paths made absolute (configs name them relative to the project root)."""
+    """The whole config (`AppConfig`'s fields) the applications of a committed Serve config file
+    make together. `local_paths`: model paths made absolute (configs name them relative to the
+    project root)."""
     serve_config = yaml.safe_load((CONFIGS / config_file).read_text())
-    (application,) = serve_config["applications"]
-    args = application["args"]
+    args = compose_args(
+        {app["name"]: (app["import_path"], app.get("args") or {}) for app in serve_config["applications"]}
+    )
     if local_paths:
         for model in args["models"]:
             model["path"] = str(ROOT / model["path"])
     return args
+
+
+def serve_config(args: dict[str, Any], port: int) -> dict[str, Any]:
+    """A Serve config file's content for a whole config: its applications (`split_args`)."""
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": split_args(args),
+    }
+
+
+def deploy(args: dict[str, Any], port: int) -> None:
+    """What `serve deploy` of the file for `args` does, from the test process; waits until
+    every application runs."""
+    config = ServeDeploySchema.model_validate(serve_config(args, port))
+    client = serve_start(http_options={"host": "127.0.0.1", "port": port})
+    client.deploy_apps(config)
+    for application in config.applications:
+        client._wait_for_application_running(application.name, timeout_s=APP_START_TIMEOUT_S)
 
 
 # Ray's metrics agent pushes to its endpoint every 10 s by default; tests wait less.
@@ -71,8 +96,7 @@ def serve_app(
         ),
     )
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name="llm", route_prefix="/")
+        deploy(args, port)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -88,9 +112,11 @@ def driver_handle(handle: DeploymentHandle) -> DeploymentHandle:
 
 
 def replica_log_lines(deployment: str) -> dict[str, list[str]]:
-    """Each replica's log lines of a deployment of the app "llm", by log file (Serve writes one
-    per replica under the current Ray session, and keeps it after the replica stops)."""
-    pattern = f"/tmp/ray/session_latest/logs/serve/replica_llm_{deployment}_*.log"
+    """Each replica's log lines of a deployment (a model's, or the gateway's ingress), by log
+    file (Serve writes one per replica under the current Ray session, and keeps it after the
+    replica stops)."""
+    application = deployment if deployment.startswith("model-") else GATEWAY_APP
+    pattern = f"/tmp/ray/session_latest/logs/serve/replica_{application}_{deployment}_*.log"
     return {path: Path(path).read_text(errors="replace").splitlines() for path in sorted(glob.glob(pattern))}
 
 

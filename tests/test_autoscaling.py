@@ -54,7 +54,7 @@ def gateway() -> Iterator[str]:
 
 
 def running_replicas(model: str = MODEL) -> int:
-    application = serve.status().applications["llm"]
+    application = serve.status().applications[deployment_name(model)]
     return application.deployments[deployment_name(model)].replica_states.get(ReplicaState.RUNNING, 0)
 
 

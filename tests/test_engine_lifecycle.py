@@ -138,7 +138,7 @@ def test_request_waiting_past_its_first_token_timeout_gets_504(gateway):
 
 
 def test_replica_whose_engine_dies_is_replaced(gateway):
-    actor_class = f"ServeReplica:llm:{deployment_name(MODEL)}"
+    actor_class = f"ServeReplica:{deployment_name(MODEL)}:{deployment_name(MODEL)}"
     before = alive_actor_ids(actor_class)
     assert len(before) == 1, before
     assert httpx.post(f"{gateway}/v1/chat/completions", json=REQUEST, timeout=30).status_code == 200
@@ -173,7 +173,8 @@ def test_replica_whose_engine_dies_is_replaced(gateway):
 
 
 def model_handle():
-    return driver_handle(serve.get_deployment_handle(deployment_name(MODEL), app_name="llm"))
+    name = deployment_name(MODEL)  # the model's application and deployment
+    return driver_handle(serve.get_deployment_handle(name, app_name=name))
 
 
 def wait_until_idle(engine, since: float, limit_s: float = 30) -> None:

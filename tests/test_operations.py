@@ -8,11 +8,16 @@
 - every replica of the model killed: streams past their first token end at once with a clear
   error event, requests before it and new requests get 503 `engine_unavailable` with a Retry-After
   within the queue timeout (no wait into a 504), and the replacements serve the next requests;
+- `serve deploy` of an edited file that changes only live settings (a limit, a key added then
+  removed, an admission deadline): in force within seconds, no replica process restarted, no
+  request failed;
 - `serve deploy` of an edited file that changes an engine setting: the new replicas start before
-  the old ones stop, and no request fails.
+  the old ones stop, no request fails, and the other model's replica and the ingress are not
+  touched.
 
 The app is deployed as operators do, with `serve deploy` of a config file (Serve's REST API on
-the dashboard), on a 2-CPU Ray instance: one model, two replicas.
+the dashboard), on a 2-CPU Ray instance: the model under test with two replicas, and a second
+model with one.
 """
 
 from __future__ import annotations
@@ -33,34 +38,46 @@ import yaml
 from ray import serve
 from ray.serve.schema import ApplicationStatus, ReplicaState
 
-from apps.builder import deployment_name
+from apps.applications import deployment_name
+from apps.auth import key_hash
 from scripts.drill import COMPLETE, DrillReport, DrillSettings, DrillThread
 from tests.conftest import app_args
+from tests.conftest import serve_config as whole_serve_config
 
 PORT = 18800
 URL = f"http://127.0.0.1:{PORT}"
 MODEL = "tiny-chat"
-REPLICA_CLASS = f"ServeReplica:llm:{deployment_name(MODEL)}"
+OTHER = "tiny-chat-b"  # a second model, on the same checkpoint
+REPLICA_CLASS = f"ServeReplica:{deployment_name(MODEL)}:{deployment_name(MODEL)}"
+DRILL_KEY, BOB_KEY = "sk-ops-drill", "sk-ops-bob"
 QUEUE_TIMEOUT_S = 6.0
 STREAM_TOKENS = 200
 RECOVERY_TIMEOUT_S = 300
 SERVE = str(Path(sys.executable).parent / "serve")
 
 
-def serve_config(max_num_seqs: int = 64) -> dict[str, Any]:
+def serve_config(
+    max_num_seqs: int = 64, max_tokens_cap: int = 512, bob: bool = False, other_timeout_s: float = 600
+) -> dict[str, Any]:
     args = app_args("app.yaml", local_paths=True)
     (model,) = [m for m in args["models"] if m["id"] == MODEL]
     model["engine"]["max_num_seqs"] = max_num_seqs
     model["replicas"] = {"num_replicas": 2}
     model["admission"] = {"queue_timeout_s": QUEUE_TIMEOUT_S}
-    args["models"] = [model]
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": PORT},
-        "applications": [
-            {"name": "llm", "route_prefix": "/", "import_path": "apps.builder:build_app", "args": args}
-        ],
+    model["limits"]["max_tokens_cap"] = max_tokens_cap
+    other = {
+        "id": OTHER,
+        "path": model["path"],
+        "engine": model["engine"] | {"max_num_seqs": 64},
+        "parallelism": model["parallelism"],
+        "admission": {"request_timeout_s": other_timeout_s},
     }
+    args["models"] = [model, other]
+    keys = [{"name": "drill", "sha256": key_hash(DRILL_KEY)}]
+    if bob:
+        keys.append({"name": "bob", "sha256": key_hash(BOB_KEY), "requests_per_minute": 2})
+    args["auth"] = {"enabled": True, "keys": keys}
+    return whole_serve_config(args, PORT)
 
 
 def serve_deploy(config: dict[str, Any], path: Path) -> None:
@@ -85,7 +102,7 @@ def gateway(tmp_path_factory) -> Iterator[Path]:
 
 def running_replicas() -> int | None:
     """RUNNING replicas of the model; None while Serve reports no deployment (a rebuild)."""
-    status = serve.status().applications.get("llm")
+    status = serve.status().applications.get(deployment_name(MODEL))
     if status is None or deployment_name(MODEL) not in status.deployments:
         return None
     return status.deployments[deployment_name(MODEL)].replica_states.get(ReplicaState.RUNNING, 0)
@@ -96,8 +113,8 @@ def wait_until_serving(replicas: int, replaced: set[int] = frozenset()) -> None:
     processes `replaced`, and answers."""
     deadline = time.monotonic() + RECOVERY_TIMEOUT_S
     while time.monotonic() < deadline:
-        application = serve.status().applications.get("llm")
-        settled = application is not None and application.status == ApplicationStatus.RUNNING
+        applications = serve.status().applications.values()
+        settled = len(applications) == 4 and all(a.status == ApplicationStatus.RUNNING for a in applications)
         gone = replaced.isdisjoint(p.pid for p in replica_processes())
         if settled and gone and running_replicas() == replicas and _answers():
             return
@@ -105,20 +122,35 @@ def wait_until_serving(replicas: int, replaced: set[int] = frozenset()) -> None:
     pytest.fail(f"the app did not get back to {replicas} serving replicas: {serve.status()}")
 
 
+def chat(model: str = MODEL, max_tokens: int = 2, key: str = DRILL_KEY, **extra: Any) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+    headers = {"Authorization": f"Bearer {key}"}
+    return httpx.post(f"{URL}/v1/chat/completions", json=body | extra, headers=headers, timeout=60)
+
+
 def _answers() -> bool:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     try:
-        return httpx.post(f"{URL}/v1/chat/completions", json=body, timeout=30).status_code == 200
+        return chat().status_code == 200
     except httpx.HTTPError:
         return False
 
 
-def replica_processes() -> list[psutil.Process]:
+def replica_processes(replica_class: str = REPLICA_CLASS) -> list[psutil.Process]:
     return [
         process
         for process in psutil.process_iter(["cmdline"])
-        if (process.info["cmdline"] or [""])[0].startswith(f"ray::{REPLICA_CLASS}")
+        if (process.info["cmdline"] or [""])[0].startswith(f"ray::{replica_class}")
     ]
+
+
+def serve_replica_pids() -> set[int]:
+    """Every Serve replica's process: models, ingress, rate limiter, settings."""
+    return {p.pid for p in replica_processes("ServeReplica:")}
+
+
+def engine_and_gateway_pids() -> set[int]:
+    """The processes a live settings change must leave alone: every replica but the settings'."""
+    return {p.pid for p in replica_processes("ServeReplica:") if "llm-settings" not in p.info["cmdline"][0]}
 
 
 def busiest(processes: list[psutil.Process], window_s: float = 1.5) -> psutil.Process:
@@ -141,7 +173,9 @@ def ingress_log_lines(text: str) -> list[str]:
 
 
 def drill(streams: int = 6) -> DrillThread:
-    settings = DrillSettings(URL, MODEL, streams=streams, max_tokens=STREAM_TOKENS, temperature=0)
+    settings = DrillSettings(
+        URL, MODEL, streams=streams, max_tokens=STREAM_TOKENS, api_key=DRILL_KEY, temperature=0
+    )
     return DrillThread(settings).start()
 
 
@@ -168,8 +202,7 @@ def test_requests_routed_to_a_dead_engine_are_sent_again_to_the_other_replica(ga
     statuses = []
     for i in range(16):  # distinct prompts: the router spreads them over both replicas
         messages = [{"role": "user", "content": f"question {i} " * 40}]
-        body = {"model": MODEL, "messages": messages, "max_tokens": 4}
-        response = httpx.post(f"{URL}/v1/chat/completions", json=body, timeout=60)
+        response = chat(max_tokens=4, messages=messages)
         statuses.append((response.status_code, response.text[:200]))
     assert all(status == 200 for status, _ in statuses), statuses
     assert len(ingress_log_lines("before its first token")) > retried_before, (
@@ -204,9 +237,8 @@ def test_with_no_replica_left_streams_end_with_an_error_event_and_new_requests_g
     for process in victims:
         process.kill()
     killed_at = running.elapsed_s()
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     started = time.monotonic()
-    refused = httpx.post(f"{URL}/v1/chat/completions", json=body, timeout=120)
+    refused = chat(max_tokens=4)
     waited_s = time.monotonic() - started
     report = running.stop(timeout_s=RECOVERY_TIMEOUT_S)
 
@@ -230,8 +262,48 @@ def test_with_no_replica_left_streams_end_with_an_error_event_and_new_requests_g
     wait_until_serving(2, replaced={p.pid for p in victims})
 
 
-def test_an_engine_setting_change_rolls_the_replicas_without_losing_a_request(gateway):
+def wait_for(condition: Any, what: str, limit_s: float = 30.0) -> float:
+    """Seconds until `condition()` held; fails after `limit_s`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < limit_s, f"not within {limit_s:.0f}s: {what}"
+        time.sleep(0.25)
+    return time.monotonic() - started
+
+
+def test_live_settings_apply_within_seconds_and_restart_nothing(gateway):
+    processes = engine_and_gateway_pids()
+    # 2 + 1 model replicas, 2 model entrypoints, the ingress, the rate limiter
+    assert len(processes) == 7, processes
+    assert chat(max_tokens=400).status_code == 200
+    assert chat(key=BOB_KEY).status_code == 401
+    long_answer = {"model": OTHER, "max_tokens": 400, "ignore_eos": True}
+    assert chat(**long_answer).status_code == 200
+    running = drill(streams=4)
+    wait_for_completions(running, 4)
+
+    # A lower cap, a new rate-limited key, a 0.3 s request timeout on the other model.
+    serve_deploy(serve_config(max_tokens_cap=300, bob=True, other_timeout_s=0.3), gateway)
+    took = wait_for(lambda: chat(max_tokens=400).status_code == 400, "the new cap")
+    assert took < 15, f"the new cap took {took:.1f}s"
+    assert [chat(key=BOB_KEY).status_code for _ in range(3)] == [200, 200, 429], "bob: 2 per minute"
+    timed_out = chat(**long_answer)
+    assert timed_out.status_code == 504, timed_out.text
+
+    serve_deploy(serve_config(), gateway)  # bob removed, everything as it was
+    wait_for(lambda: chat(key=BOB_KEY).status_code == 401, "bob's key removed")
+    assert chat(max_tokens=400).status_code == 200
+    assert chat(**long_answer).status_code == 200
+    wait_for_completions(running, 4)
+    report = running.stop()
+    assert_all_complete(report)
+    assert engine_and_gateway_pids() == processes, "a live settings change restarted a replica"
+
+
+def test_an_engine_setting_change_rolls_that_models_replicas_only_without_losing_a_request(gateway):
     before = {p.pid for p in replica_processes()}
+    rolled_app = {p.pid for p in replica_processes(f"ServeReplica:{deployment_name(MODEL)}:")}
+    untouched = engine_and_gateway_pids() - rolled_app  # the other model's replica, the gateway
     running = drill(streams=4)
     wait_for_completions(running, 4)
     serve_deploy(serve_config(max_num_seqs=48), gateway)
@@ -246,4 +318,5 @@ def test_an_engine_setting_change_rolls_the_replicas_without_losing_a_request(ga
     report = running.stop()
     assert_all_complete(report)
     assert fewest_running == 2, f"capacity dropped to {fewest_running} running replicas during the update"
-    assert serve.status().applications["llm"].status == ApplicationStatus.RUNNING
+    assert untouched <= engine_and_gateway_pids(), "the other model's replica or the gateway restarted"
+    assert serve.status().applications[deployment_name(MODEL)].status == ApplicationStatus.RUNNING

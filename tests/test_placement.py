@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from apps.builder import DRAIN_MARGIN_S, deployment_name, model_deployment_options, models_without_surge_room
-from apps.config import AppConfig, ModelConfig, ParallelismSettings
+from apps.builder import deployment_name, model_deployment_options, models_without_surge_room
+from apps.config import AppConfig, ConfigError, ModelConfig, ParallelismSettings, load_config
 from apps.placement import omp_threads_bind, placement_for, unplaceable_reason
 
 
@@ -166,26 +166,32 @@ def test_every_autoscaling_knob_can_be_overridden(make_checkpoint):
     assert options["max_ongoing_requests"] == 4
 
 
-def test_rolling_updates_start_the_replacement_first_and_drain_past_the_request_timeout():
+def test_rolling_updates_start_the_replacement_first_and_drain_for_the_configured_time():
     model = ModelConfig.model_validate(
-        {"id": "m", "path": "/x", "admission": {"request_timeout_s": 120}},
+        {"id": "m", "path": "/x", "replicas": {"drain_timeout_s": 130}},
         context={"check_model_files": False},
     )
     options = model_deployment_options(model)
     assert options["max_surge_percent"] == 100, "a replacement starts before an old replica stops"
-    assert options["graceful_shutdown_timeout_s"] == 120 + DRAIN_MARGIN_S, (
-        "a stopping replica must be allowed to finish its longest request"
-    )
+    assert options["graceful_shutdown_timeout_s"] == 130
 
 
-def test_a_model_without_a_request_timeout_drains_for_an_hour_and_may_stop_first():
+def test_a_drain_shorter_than_the_request_timeout_is_refused():
+    model = {"id": "m", "path": "/x", "admission": {"request_timeout_s": 900}}
+    with pytest.raises(ConfigError, match=r"replicas.drain_timeout_s \(610.0\) is below admission.request_timeout_s"):
+        load_config({"models": [model]}, check_model_files=False)
+    model["replicas"] = {"drain_timeout_s": 910}
+    with pytest.raises(ConfigError, match=r"ingress.drain_timeout_s \(610.0\) is below model m's"):
+        load_config({"models": [model]}, check_model_files=False)
+    load_config({"models": [model], "ingress": {"drain_timeout_s": 910}}, check_model_files=False)
+
+
+def test_a_model_may_stop_first():
     model = ModelConfig.model_validate(
-        {"id": "m", "path": "/x", "admission": {"request_timeout_s": None}, "replicas": {"max_surge_percent": 0}},
+        {"id": "m", "path": "/x", "replicas": {"max_surge_percent": 0}},
         context={"check_model_files": False},
     )
-    options = model_deployment_options(model)
-    assert options["graceful_shutdown_timeout_s"] == 3600 + DRAIN_MARGIN_S
-    assert options["max_surge_percent"] == 0
+    assert model_deployment_options(model)["max_surge_percent"] == 0
 
 
 def surge_config(*models: dict) -> AppConfig:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
 from apps.routing import (
     AVOID_KWARG,
+    ROUTING_KWARG,
     PrefixAffinityRouter,
+    RoutingKnobs,
     prompt_prefix,
     prompt_text,
     rank_by_prefix,
@@ -156,4 +159,19 @@ def test_without_prefix_affinity_the_router_offers_two_replicas_at_random():
     instance = router({"r1": 0, "r2": 0, "r3": 0})
     instance.initialize_state(prefix_affinity=False)
     (offered,) = choose(instance, chat("s" * 100))
+    assert len(offered) == 2 and offered[0] != offered[1]
+
+
+def test_knobs_carried_by_the_call_override_the_routers_own():
+    """Routing settings are live: each call carries its model's current ones."""
+    instance = router({"r1": 0, "r2": 0, "r3": 0})  # prefix affinity by default
+    request = chat("s" * 100)
+    assert len(choose(instance, request)) == 2, "prefix affinity: the preferred, then the rest"
+    request.kwargs[ROUTING_KWARG] = RoutingKnobs(prefix_affinity=False)
+    (offered,) = choose(instance, request)
+    assert len(offered) == 2 and offered[0] != offered[1], "power of two, as the call says"
+    # Serve ships the router to the ingress by value: the knobs the ingress makes are of another
+    # RoutingKnobs class than the router's, and must be honoured all the same.
+    request.kwargs[ROUTING_KWARG] = SimpleNamespace(prefix_affinity=False, prefix_chars=64, max_imbalance=0.25)
+    (offered,) = choose(instance, request)
     assert len(offered) == 2 and offered[0] != offered[1]

@@ -35,7 +35,8 @@ def gateway() -> Iterator[str]:
             | {
                 "id": model_id,
                 "parallelism": {"cpus_per_worker": 0.4},  # 4 replicas and the ingress on 2 CPUs
-                "replicas": {"num_replicas": 2, "routing": {"policy": policy}},
+                "replicas": {"num_replicas": 2},
+                "routing": {"policy": policy},
             }
         )
     with serve_app({"ingress": {"num_cpus": 0.1}, "models": models}, PORT) as url:

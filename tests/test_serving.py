@@ -69,7 +69,8 @@ def test_a_named_system_prompt_is_served_from_the_prefix_cache(client):
     (tiny,) = [model for model in app_args("app.yaml")["models"] if model["id"] == "tiny-chat"]
     system = tiny["system_prompts"]["support"]
     unseen = system.upper()  # same length, no shared block
-    model_server = driver_handle(serve.get_deployment_handle(deployment_name("tiny-chat"), app_name="llm"))
+    name = deployment_name("tiny-chat")  # the model's application and deployment
+    model_server = driver_handle(serve.get_deployment_handle(name, app_name=name))
     block = model_server.block_size.remote().result()
     question = {"role": "user", "content": "Where is my order?"}
 
@@ -325,7 +326,8 @@ def test_a_loaded_replica_sends_tokens_in_groups_and_an_idle_one_does_not(gatewa
 
 
 def test_tp2_replica_has_two_bundles_strict_packed(gateway):
-    prefix = f"SERVE_REPLICA::llm#{deployment_name('tiny-chat-tp2')}#"
+    name = deployment_name('tiny-chat-tp2')  # the model's application and deployment
+    prefix = f"SERVE_REPLICA::{name}#{name}#"
     groups = [
         group
         for group in list_placement_groups(detail=True)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextvars
+
 import asyncio
 from types import SimpleNamespace
 
@@ -48,30 +50,35 @@ def run(engine: MeteredEngine, kind: RequestOutputKind, prompt_len: int = 5, sto
 
 
 def test_streamed_deltas_are_counted_per_choice_as_they_come():
-    engine = MeteredEngine(FakeEngine([[[1], [2, 3]], [[4], [5]]]), "m", None)
+    engine = MeteredEngine(FakeEngine([[[1], [2, 3]], [[4], [5]]]), "m")
     usage = run(engine, RequestOutputKind.DELTA)
     assert (usage.prompt_tokens, usage.completion_tokens, usage.settled_tokens()) == (5, 5, 10)
 
 
 def test_a_stream_cut_short_is_charged_what_it_generated():
-    engine = MeteredEngine(FakeEngine([[[1, 2]], [[3]], [[4]]]), "m", None)
+    engine = MeteredEngine(FakeEngine([[[1, 2]], [[3]], [[4]]]), "m")
     usage = run(engine, RequestOutputKind.DELTA, stop_after=2)
     assert usage.settled_tokens() == 5 + 3
 
 
 def test_final_only_output_counts_its_cumulative_tokens_once_finished():
-    engine = MeteredEngine(FakeEngine([[[1, 2, 3], [4]]]), "m", None)
+    engine = MeteredEngine(FakeEngine([[[1, 2, 3], [4]]]), "m")
     usage = run(engine, RequestOutputKind.FINAL_ONLY)
     assert usage.settled_tokens() == 5 + 4
 
 
 def test_final_only_output_that_never_finished_is_settled_as_all_reserved():
-    engine = MeteredEngine(FakeEngine([[[1, 2]]], finish=False), "m", None)
+    engine = MeteredEngine(FakeEngine([[[1, 2]]], finish=False), "m")
     assert run(engine, RequestOutputKind.FINAL_ONLY).settled_tokens() is None
 
 
 def test_prompt_over_the_cap_is_refused_before_the_engine_is_called():
-    engine = MeteredEngine(FakeEngine([]), "m", max_prompt_tokens=4)
-    with pytest.raises(VLLMValidationError, match="5 tokens long; model m accepts at most 4"):
+    engine = MeteredEngine(FakeEngine([]), "m")
+
+    def generate() -> None:
+        start_usage(max_prompt_tokens=4)  # the cap comes with the request (a live setting)
         engine.generate({"prompt_token_ids": [1, 2, 3, 4, 5]}, params(RequestOutputKind.DELTA), "r")
+
+    with pytest.raises(VLLMValidationError, match="5 tokens long; model m accepts at most 4"):
+        contextvars.copy_context().run(generate)
     assert engine.model_config == "passed through"

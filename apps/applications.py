@@ -1,0 +1,198 @@
+"""The Serve applications a gateway is deployed as, and the one `AppConfig` they make together.
+
+Serve hashes each application's `args` on its own, and restarts every replica of an application
+whose `args` changed (Ray 2.60, `get_app_code_version`). So a config file splits the gateway
+where restarts are cheap or dear:
+
+    gateway   (`apps.builder:build_gateway`)   the HTTP ingress and the rate limiter: `ingress`
+              replica options. An edit rolls the ingress; rarely needed.
+    settings  (`apps.builder:build_settings`)  everything live: `auth`, the ingress's request
+              settings, per model `limits`, `admission`, `system_prompts`, `routing`. An edit restarts only
+              this application's one small replica; every ingress replica reads the new settings
+              within about a second (`SETTINGS_POLL_S`) and swaps them in whole.
+    model     (`apps.builder:build_model`)     one per model: `id`, `path`, `engine`,
+              `parallelism`, `replicas`, `warmup`. An edit rolls that model's replicas only.
+
+The applications are told apart by their import path, not their names. Every builder validates
+the whole config its application makes with the others (read from Serve's controller, which holds
+the submitted file before any build starts): an invalid edit fails that application's build, so
+Serve keeps running what it had and `serve status` names the field. The ingress validates the same
+whole before it swaps anything in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import ray
+
+logger = logging.getLogger("ray.serve")
+
+GATEWAY_IMPORT_PATH = "apps.builder:build_gateway"
+SETTINGS_IMPORT_PATH = "apps.builder:build_settings"
+MODEL_IMPORT_PATH = "apps.builder:build_model"
+# The application names the split of `split_args` gives (the committed configs use them too).
+GATEWAY_APP = "llm"
+SETTINGS_APP = "llm-settings"
+LIMITER_DEPLOYMENT = "rate-limiter"
+# Which fields each application's `args` hold.
+GATEWAY_INGRESS_FIELDS = frozenset(
+    {"num_replicas", "num_cpus", "max_ongoing_requests", "drain_timeout_s"}
+)
+MODEL_APP_FIELDS = frozenset({"id", "path", "engine", "parallelism", "replicas", "warmup"})
+MODEL_SETTINGS_FIELDS = frozenset({"id", "limits", "admission", "system_prompts", "routing"})
+SETTINGS_FIELDS = frozenset({"ingress", "auth", "models"})
+# How often an ingress replica reads the deployed settings.
+SETTINGS_POLL_S = 1.0
+CONTROLLER_TIMEOUT_S = 5.0
+
+# {application name: (import path, args)}, as Serve's controller holds them.
+DeployedArgs = Mapping[str, tuple[str, Mapping[str, Any]]]
+
+
+class PartError(ValueError):
+    """An application's `args` hold a field that belongs to another application."""
+
+
+def deployment_name(model_id: str) -> str:
+    """Serve deployment (and application) name for a model id (ids may hold '/' or ':')."""
+    return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model_id)
+
+
+def split_args(args: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The Serve `applications:` entries for a whole config's `args` (an `AppConfig`'s fields)."""
+    ingress = dict(args.get("ingress") or {})
+    gateway_args = {"ingress": {k: v for k, v in ingress.items() if k in GATEWAY_INGRESS_FIELDS}}
+    settings_args: dict[str, Any] = {}
+    live_ingress = {k: v for k, v in ingress.items() if k not in GATEWAY_INGRESS_FIELDS}
+    if live_ingress:
+        settings_args["ingress"] = live_ingress
+    if "auth" in args:
+        settings_args["auth"] = copy.deepcopy(args["auth"])
+    applications = [
+        {
+            "name": GATEWAY_APP,
+            "route_prefix": "/",
+            "import_path": GATEWAY_IMPORT_PATH,
+            "args": gateway_args,
+        },
+        {
+            "name": SETTINGS_APP,
+            "route_prefix": None,
+            "import_path": SETTINGS_IMPORT_PATH,
+            "args": settings_args,
+        },
+    ]
+    for model in args.get("models") or []:
+        live = {k: copy.deepcopy(v) for k, v in model.items() if k in MODEL_SETTINGS_FIELDS}
+        if len(live) > 1:  # more than its id
+            settings_args.setdefault("models", []).append(live)
+        applications.append(
+            {
+                "name": deployment_name(str(model.get("id"))),
+                "route_prefix": None,
+                "import_path": MODEL_IMPORT_PATH,
+                "args": {
+                    k: copy.deepcopy(v)
+                    for k, v in model.items()
+                    if k not in MODEL_SETTINGS_FIELDS - {"id"}
+                },
+            }
+        )
+    return applications
+
+
+def compose_args(deployed: DeployedArgs) -> dict[str, Any]:
+    """One `AppConfig`'s fields from the gateway's applications (others are ignored). Raises
+    `PartError` for a field in the wrong application, a missing gateway or settings
+    application, or settings for a model no application serves."""
+    by_kind: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
+    for name, (import_path, args) in deployed.items():
+        by_kind.setdefault(import_path, []).append((name, args or {}))
+    for import_path in (GATEWAY_IMPORT_PATH, SETTINGS_IMPORT_PATH):
+        found = by_kind.get(import_path, [])
+        if len(found) != 1:
+            names = [name for name, _ in found]
+            raise PartError(
+                f"Exactly one application must use {import_path}; found {len(found)} {names}."
+            )
+    ((gateway_name, gateway),) = by_kind[GATEWAY_IMPORT_PATH]
+    ((settings_name, settings),) = by_kind[SETTINGS_IMPORT_PATH]
+    _only(gateway_name, gateway, {"ingress"})
+    _only(f"{gateway_name}: ingress", gateway.get("ingress") or {}, GATEWAY_INGRESS_FIELDS)
+    _only(settings_name, settings, SETTINGS_FIELDS)
+    live_ingress = settings.get("ingress") or {}
+    _only(f"{settings_name}: ingress", live_ingress, set(live_ingress) - GATEWAY_INGRESS_FIELDS)
+
+    models = []
+    for name, model in by_kind.get(MODEL_IMPORT_PATH, []):
+        _only(name, model, MODEL_APP_FIELDS)
+        expected = deployment_name(str(model.get("id")))
+        if name != expected:
+            # The ingress finds a model's replicas by this name.
+            raise PartError(
+                f"{name}: the application serving model {model.get('id')!r} must be named {expected!r}."
+            )
+        models.append(copy.deepcopy(dict(model)))
+    by_id = {model.get("id"): model for model in models}
+    for index, live in enumerate(settings.get("models") or []):
+        if not isinstance(live, Mapping):
+            raise PartError(f"{settings_name}: models.{index} must be a mapping.")
+        _only(f"{settings_name}: models.{index}", live, MODEL_SETTINGS_FIELDS)
+        model = by_id.get(live.get("id"))
+        if model is None:
+            raise PartError(
+                f"{settings_name}: models.{index}: no application serves model {live.get('id')!r} "
+                f"(served: {sorted(str(i) for i in by_id)})."
+            )
+        model.update({k: copy.deepcopy(v) for k, v in live.items() if k != "id"})
+    composed: dict[str, Any] = {
+        "models": models,
+        "ingress": dict(gateway.get("ingress") or {}) | dict(live_ingress),
+    }
+    if "auth" in settings:
+        composed["auth"] = copy.deepcopy(settings["auth"])
+    return composed
+
+
+def _only(where: str, args: Mapping[str, Any], allowed: set[str] | frozenset[str]) -> None:
+    misplaced = sorted(set(args) - set(allowed))
+    if misplaced:
+        raise PartError(
+            f"{where}: {misplaced} do not belong here; this application's args take "
+            f"{sorted(allowed)} (apps.applications says which application holds which field)."
+        )
+
+
+def _controller() -> Any:
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+
+
+def _as_deployed(configs: Mapping[str, Any]) -> dict[str, tuple[str, Mapping[str, Any]]]:
+    return {name: (config.import_path, config.args or {}) for name, config in configs.items()}
+
+
+def deployed_args() -> dict[str, tuple[str, Mapping[str, Any]]]:
+    """Every application's import path and `args` as last submitted to Serve (`serve deploy`):
+    the controller stores a config file before it builds any of its applications."""
+    configs = ray.get(_controller().get_app_configs.remote(), timeout=CONTROLLER_TIMEOUT_S)
+    return _as_deployed(configs)
+
+
+async def deployed_args_async() -> dict[str, tuple[str, Mapping[str, Any]]]:
+    """`deployed_args`, without blocking the event loop."""
+    configs = await asyncio.wait_for(_controller().get_app_configs.remote(), CONTROLLER_TIMEOUT_S)
+    return _as_deployed(configs)
+
+
+def gateway_app_name(deployed: DeployedArgs) -> str | None:
+    """The name of the application holding the ingress and the rate limiter."""
+    names = [name for name, (import_path, _) in deployed.items() if import_path == GATEWAY_IMPORT_PATH]
+    return names[0] if len(names) == 1 else None

@@ -1,0 +1,163 @@
+"""The ingress's live settings: one validated snapshot, swapped whole.
+
+Each ingress replica reads the applications Serve holds every `SETTINGS_POLL_S`
+(`apps.applications`); when their `args` changed, it validates the whole config again and, only
+if it is valid, builds a new `LiveSettings` and swaps it in with one assignment. A request reads
+the snapshot once, at its start, and keeps it to its end. What carries state across a swap is
+kept: a model's admission gate (its requests in flight and waiting; it takes the new bounds), its
+replica watch, its volatile-prefix watch and its handle. Rate-limit state lives in the limiter,
+which gets each key's limits with every reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from apps.admission import ModelGate, ModelRoute, gate_for
+from apps.applications import (
+    SETTINGS_POLL_S,
+    PartError,
+    compose_args,
+    deployed_args_async,
+    deployment_name,
+)
+from apps.auth import KeyTable
+from apps.config import AppConfig, ConfigError, load_config
+from apps.prefixes import VolatilePrefixWatch
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """What the ingress serves with, from one validated config."""
+
+    config: AppConfig
+    keys: KeyTable
+    routes: Mapping[str, ModelRoute]
+    prefix_watches: Mapping[str, VolatilePrefixWatch]
+    model_list: list[dict[str, Any]]
+
+
+def model_stream(model_id: str) -> Any:
+    """A streaming handle to a model's deployment. Its application may still be deploying: a
+    handle needs no replica yet."""
+    name = deployment_name(model_id)
+    return DeploymentHandle(name, name).options(stream=True)
+
+
+def live_settings(
+    config: AppConfig,
+    previous: LiveSettings | None,
+    on_volatile_prefix: Callable[[str, str], None],
+    stream_for: Callable[[str], Any] = model_stream,
+) -> LiveSettings:
+    """The snapshot for `config`, carrying over the state of every model `previous` served.
+    `stream_for`: a new model's streaming handle."""
+    old_routes = previous.routes if previous else {}
+    old_watches = previous.prefix_watches if previous else {}
+    routes, watches = {}, {}
+    new_bounds: list[tuple[ModelGate, ModelGate]] = []
+    for model in config.models:
+        gate = gate_for(model, config.ingress.num_replicas)
+        old = old_routes.get(model.id)
+        if old is None:
+            routes[model.id] = ModelRoute(model, gate, stream_for(model.id))
+        else:
+            new_bounds.append((old.gate, gate))
+            routes[model.id] = ModelRoute(model, old.gate, old.stream, old.replicas)
+        watches[model.id] = old_watches.get(model.id) or VolatilePrefixWatch(
+            model.id, lambda kind, model_id=model.id: on_volatile_prefix(model_id, kind)
+        )
+    created = int(time.time())
+    old_created = {entry["id"]: entry["created"] for entry in (previous.model_list if previous else [])}
+    model_list = [
+        {
+            "id": model.id,
+            "object": "model",
+            "created": old_created.get(model.id, created),
+            "owned_by": "gateway",
+        }
+        for model in config.models
+    ]
+    settings = LiveSettings(config, KeyTable(config.auth), routes, watches, model_list)
+    for kept, bounds in new_bounds:  # last: nothing changes unless the whole snapshot was built
+        kept.adopt_bounds(bounds)
+    return settings
+
+
+class SettingsWatch:
+    """Reads the deployed applications' `args` every `SETTINGS_POLL_S` and calls `apply` with
+    each new valid config. An invalid one is logged (once) and changes nothing: its
+    application's build fails too, and `serve status` says why."""
+
+    def __init__(self, current: AppConfig, apply: Callable[[AppConfig], None]) -> None:
+        self._current = current
+        self._apply = apply
+        self._last_args: dict[str, Any] | None = None
+        self._last_error: str | None = None
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(SETTINGS_POLL_S)
+            try:
+                await self.poll()
+            except Exception as exc:  # the controller restarting, say: try again next time
+                logger.warning("Could not read the deployed settings: %r", exc)
+
+    async def poll(self) -> bool:
+        """One read; True when a new config was applied."""
+        args = compose_or_error(await deployed_args_async())
+        if args == self._last_args:
+            return False
+        self._last_args = args
+        try:
+            if isinstance(args, str):
+                raise ConfigError(args)
+            config = load_config(args, check_model_files=False)
+        except ConfigError as exc:
+            if str(exc) != self._last_error:
+                self._last_error = str(exc)
+                logger.error("Deployed settings refused; still serving the previous ones. %s", exc)
+            return False
+        self._last_error = None
+        if config == self._current:
+            return False
+        changed = changed_fields(self._current, config)
+        self._current = config
+        self._apply(config)
+        logger.info("Live settings applied; changed: %s.", ", ".join(changed))
+        return True
+
+
+def compose_or_error(deployed: Mapping[str, Any]) -> dict[str, Any] | str:
+    """The whole config's args, or the message saying why the applications do not make one."""
+    try:
+        return compose_args(deployed)
+    except PartError as exc:
+        return f"Invalid application config: {exc}"
+
+
+def changed_fields(old: AppConfig, new: AppConfig) -> list[str]:
+    """Where two configs differ, as field paths (`models[ID].limits`), for the log."""
+    changed = [name for name in ("ingress", "auth") if getattr(old, name) != getattr(new, name)]
+    old_models = {model.id: model for model in old.models}
+    for model in new.models:
+        before = old_models.pop(model.id, None)
+        if before is None:
+            changed.append(f"models[{model.id}] added")
+            continue
+        changed += [
+            f"models[{model.id}].{name}"
+            for name in type(model).model_fields
+            if getattr(before, name) != getattr(model, name)
+        ]
+    changed += [f"models[{model_id}] removed" for model_id in old_models]
+    return changed

@@ -1,0 +1,239 @@
+"""How a config is split into Serve applications and put back together (`apps.applications`),
+and what a live settings change keeps (`apps.live`, the admission gate, the rate limiter)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import yaml
+
+from apps.admission import ModelGate
+from apps.applications import (
+    GATEWAY_IMPORT_PATH,
+    MODEL_IMPORT_PATH,
+    SETTINGS_IMPORT_PATH,
+    PartError,
+    compose_args,
+    split_args,
+)
+from apps.config import ApiKey, load_config
+from apps.live import SettingsWatch, changed_fields, live_settings
+from apps.rate_limits import KeyLimits
+from tests.conftest import CONFIGS, app_args
+
+WHOLE = {
+    "ingress": {"num_cpus": 0.1, "max_body_bytes": 4096},
+    "auth": {"enabled": True, "keys": [{"name": "a", "sha256": "0" * 64, "requests_per_minute": 5}]},
+    "models": [
+        {"id": "m1", "path": "/x", "engine": {"max_num_seqs": 8}, "limits": {"max_tokens_cap": 300}},
+        {"id": "org/m2", "path": "/y", "admission": {"queue_timeout_s": 3}},
+    ],
+}
+
+
+def deployed(applications: list[dict]) -> dict:
+    return {app["name"]: (app["import_path"], app["args"]) for app in applications}
+
+
+def test_split_puts_live_settings_apart_from_engines_and_composes_back():
+    applications = split_args(WHOLE)
+    by_name = {app["name"]: app for app in applications}
+    assert by_name["llm"]["args"] == {"ingress": {"num_cpus": 0.1}}
+    assert by_name["llm"]["route_prefix"] == "/"
+    settings = by_name["llm-settings"]["args"]
+    assert settings["ingress"] == {"max_body_bytes": 4096}
+    assert settings["models"] == [
+        {"id": "m1", "limits": {"max_tokens_cap": 300}},
+        {"id": "org/m2", "admission": {"queue_timeout_s": 3}},
+    ]
+    assert by_name["model-m1"]["args"] == {"id": "m1", "path": "/x", "engine": {"max_num_seqs": 8}}
+    assert by_name["model-org_m2"]["args"] == {"id": "org/m2", "path": "/y"}
+    assert compose_args(deployed(applications)) == WHOLE
+
+
+def test_a_limits_edit_changes_only_the_settings_application():
+    edited = copy.deepcopy(WHOLE)
+    edited["models"][0]["limits"]["max_tokens_cap"] = 290
+    edited["auth"]["keys"].append({"name": "b", "sha256": "1" * 64})
+    before, after = deployed(split_args(WHOLE)), deployed(split_args(edited))
+    changed = sorted(name for name in before if before[name] != after[name])
+    assert changed == ["llm-settings"], "any other application's args changing would restart it"
+
+
+def test_an_engine_edit_changes_only_that_models_application():
+    edited = copy.deepcopy(WHOLE)
+    edited["models"][1]["engine"] = {"max_num_seqs": 4}
+    before, after = deployed(split_args(WHOLE)), deployed(split_args(edited))
+    assert sorted(name for name in before if before[name] != after[name]) == ["model-org_m2"]
+
+
+@pytest.mark.parametrize(
+    ("where", "field", "message"),
+    [
+        ("model-m1", "limits", r"model-m1: \['limits'\] do not belong here"),
+        ("llm-settings", "engine", r"llm-settings: models.0: \['engine'\] do not belong here"),
+        ("llm", "auth", r"llm: \['auth'\] do not belong here"),
+    ],
+)
+def test_a_field_in_the_wrong_application_is_named(where, field, message):
+    applications = deployed(split_args(WHOLE))
+    import_path, args = applications[where]
+    args = copy.deepcopy(args)
+    if where == "llm-settings":
+        args["models"][0][field] = {}
+    else:
+        args[field] = {}
+    applications[where] = (import_path, args)
+    with pytest.raises(PartError, match=message):
+        compose_args(applications)
+
+
+def test_settings_for_a_model_nobody_serves_and_misnamed_model_applications_are_refused():
+    applications = deployed(split_args(WHOLE))
+    del applications["model-org_m2"]
+    with pytest.raises(PartError, match=r"no application serves model 'org/m2'"):
+        compose_args(applications)
+    applications = deployed(split_args(WHOLE))
+    applications["other-name"] = applications.pop("model-m1")
+    with pytest.raises(PartError, match=r"must be named 'model-m1'"):
+        compose_args(applications)
+    applications = deployed(split_args(WHOLE))
+    del applications["llm-settings"]
+    with pytest.raises(PartError, match=SETTINGS_IMPORT_PATH):
+        compose_args(applications)
+
+
+@pytest.mark.parametrize("config_file", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_committed_configs_are_split_as_split_args_does(config_file):
+    serve_config = yaml.safe_load((CONFIGS / config_file).read_text())
+    split = split_args(app_args(config_file))
+    assert [(a["name"], a["import_path"]) for a in serve_config["applications"]] == [
+        (a["name"], a["import_path"]) for a in split
+    ]
+    kinds = {a["import_path"] for a in split}
+    assert kinds == {GATEWAY_IMPORT_PATH, SETTINGS_IMPORT_PATH, MODEL_IMPORT_PATH}
+
+
+def test_settings_watch_applies_a_valid_edit_once_and_refuses_an_invalid_one(monkeypatch):
+    applications = deployed(split_args(WHOLE))
+    current = load_config(compose_args(applications), check_model_files=False)
+    applied = []
+    watch = SettingsWatch(current, applied.append)
+
+    async def read() -> dict:
+        return copy.deepcopy(applications)
+
+    monkeypatch.setattr("apps.live.deployed_args_async", read)
+    assert not asyncio.run(watch.poll()), "unchanged settings are not applied again"
+
+    settings = copy.deepcopy(applications["llm-settings"][1])
+    settings["models"][0]["limits"]["max_tokens_cap"] = 280
+    applications["llm-settings"] = (SETTINGS_IMPORT_PATH, settings)
+    assert asyncio.run(watch.poll())
+    assert applied[-1].models[0].limits.max_tokens_cap == 280
+
+    invalid = copy.deepcopy(settings)
+    invalid["models"][0]["limits"]["max_tokens_cap"] = -1
+    applications["llm-settings"] = (SETTINGS_IMPORT_PATH, invalid)
+    assert not asyncio.run(watch.poll()), "an invalid edit changes nothing"
+    assert len(applied) == 1
+
+
+def gate(max_in_flight: int, max_queued: int = 10) -> ModelGate:
+    return ModelGate(
+        "m",
+        max_in_flight=max_in_flight,
+        max_queued=max_queued,
+        queue_timeout_s=5.0,
+        shed_depth={"high": max_queued, "normal": max_queued, "low": max_queued},
+    )
+
+
+def test_a_gate_keeps_its_requests_across_new_bounds():
+    async def scenario() -> tuple[int, int, int]:
+        live = gate(1)
+        await live.acquire("normal")
+        waiters = [asyncio.ensure_future(live.acquire("normal")) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        live.adopt_bounds(gate(3))  # raised: two waiters get in at once
+        await asyncio.sleep(0.01)
+        admitted = sum(w.done() for w in waiters)
+        live.adopt_bounds(gate(1))  # lowered: releases do not hand slots on above the bound
+        live.release()
+        live.release()
+        await asyncio.sleep(0.01)
+        still_waiting = sum(not w.done() for w in waiters)
+        live.release()  # now at the bound: the next release hands on
+        await asyncio.sleep(0.01)
+        return admitted, still_waiting, live.in_flight
+
+    admitted, still_waiting, in_flight = asyncio.run(scenario())
+    assert admitted == 2
+    assert still_waiting == 1
+    assert in_flight == 1
+
+
+def test_a_key_keeps_its_bucket_when_its_limits_change_and_new_keys_arrive():
+    now = [0.0]
+    limits = KeyLimits([], lease_s=60, clock=lambda: now[0])
+    alice = ApiKey(name="alice", sha256="0" * 64, requests_per_minute=3)
+    for _ in range(3):
+        assert limits.reserve("alice", 1, limits=alice).admitted
+    refused = limits.reserve("alice", 1, limits=alice)
+    assert not refused.admitted, "a fourth request in the minute"
+    bob = ApiKey(name="bob", sha256="1" * 64, requests_per_minute=1)
+    assert limits.reserve("bob", 1, limits=bob).admitted, "a key added live"
+    assert not limits.reserve("alice", 1, limits=alice).admitted, "adding bob gave alice nothing"
+    raised = alice.model_copy(update={"requests_per_minute": 6})
+    decision = limits.reserve("alice", 1, limits=raised)
+    assert not decision.admitted and decision.requests.limit == 6, "a raised limit keeps the level"
+    now[0] = 10.0  # one request's worth refilled at 6 per minute
+    assert limits.reserve("alice", 1, limits=raised).admitted
+
+
+def test_leases_of_different_lengths_expire_in_time_order():
+    now = [0.0]
+    key = ApiKey(name="k", sha256="0" * 64, max_concurrent_requests=2)
+    limits = KeyLimits([], lease_s=60, clock=lambda: now[0])
+    assert limits.reserve("k", 1, "long", limits=key, lease_s=100).admitted
+    assert limits.reserve("k", 1, "short", limits=key, lease_s=10).admitted
+    assert not limits.reserve("k", 1, limits=key).admitted
+    now[0] = 11.0  # the short lease expired behind the long one
+    assert limits.in_flight("k") == 2
+    assert limits.reserve("k", 1, "third", limits=key, lease_s=10).admitted
+    assert limits.in_flight("k") == 2
+
+
+def test_the_log_names_what_a_change_changed():
+    before = load_config(WHOLE, check_model_files=False)
+    edited = copy.deepcopy(WHOLE)
+    edited["models"][0]["limits"]["max_tokens_cap"] = 290
+    edited["auth"]["keys"][0]["requests_per_minute"] = 6
+    del edited["models"][1]
+    edited["models"].append({"id": "m3", "path": "/z"})
+    after = load_config(edited, check_model_files=False)
+    assert changed_fields(before, after) == [
+        "auth",
+        "models[m1].limits",
+        "models[m3] added",
+        "models[org/m2] removed",
+    ]
+
+
+def test_a_new_snapshot_keeps_each_models_gate_and_handle_and_takes_the_new_bounds():
+    before = load_config(WHOLE, check_model_files=False)
+    first = live_settings(before, None, lambda model_id, kind: None, stream_for=lambda model_id: object())
+    edited = copy.deepcopy(WHOLE)
+    edited["models"][0]["admission"] = {"max_in_flight": 3}
+    del edited["models"][1]
+    edited["models"].append({"id": "m3", "path": "/z"})
+    after = load_config(edited, check_model_files=False)
+    second = live_settings(after, first, lambda model_id, kind: None, stream_for=lambda model_id: object())
+    kept, old = second.routes["m1"], first.routes["m1"]
+    assert kept.gate is old.gate and kept.stream is old.stream and kept.replicas is old.replicas
+    assert kept.gate.max_in_flight == 3 and kept.config.admission.max_in_flight == 3
+    assert second.prefix_watches["m1"] is first.prefix_watches["m1"]
+    assert sorted(second.routes) == ["m1", "m3"], "org/m2 removed, m3 added"
+    assert first.routes["m1"].config.admission.max_in_flight is None, "the old snapshot is unchanged"
