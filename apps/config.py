@@ -677,12 +677,20 @@ def load_config(args: dict, *, check_model_files: bool = True) -> AppConfig:
     try:
         return AppConfig.model_validate(args, context={"check_model_files": check_model_files})
     except ValidationError as exc:
-        problems = [f"  {_field_path(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        problems = [f"  {_field_path(err['loc'], args)}: {err['msg']}" for err in exc.errors()]
         raise ConfigError("Invalid application config:\n" + "\n".join(problems)) from None
 
 
-def _field_path(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "(top level)"
+def _field_path(loc: tuple[int | str, ...], args: dict) -> str:
+    """`models.0.limits` as `models[tiny-chat].limits`: a model's place in the whole config is
+    not where its sections sit in the config file (`apps.applications`); its id is."""
+    parts = [str(part) for part in loc]
+    if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+        models = args.get("models") if isinstance(args, dict) else None
+        model = models[loc[1]] if isinstance(models, list) and loc[1] < len(models) else None
+        if isinstance(model, dict) and isinstance(model.get("id"), str):
+            parts[:2] = [f"models[{model['id']}]"]
+    return ".".join(parts) or "(top level)"
 
 
 def _checks_model_files(info: ValidationInfo) -> bool:

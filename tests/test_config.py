@@ -18,23 +18,23 @@ def one_model(path: str, **fields: Any) -> dict[str, Any]:
 
 # (case id, build args from a checkpoint path, field path expected in the message, phrase expected)
 INVALID_CONFIGS = [
-    ("unknown_field", lambda p: one_model(p, engine={"max_num_seq": 8}), "models.0.engine.max_num_seq", "Extra inputs"),
-    ("wrong_type", lambda p: one_model(p, engine={"max_num_seqs": "many"}), "models.0.engine.max_num_seqs", "valid integer"),
-    ("tp_not_dividing_heads", lambda p: one_model(p, parallelism={"tensor_parallel_size": 3}), "models.0", "does not divide"),
+    ("unknown_field", lambda p: one_model(p, engine={"max_num_seq": 8}), "models[m].engine.max_num_seq", "Extra inputs"),
+    ("wrong_type", lambda p: one_model(p, engine={"max_num_seqs": "many"}), "models[m].engine.max_num_seqs", "valid integer"),
+    ("tp_not_dividing_heads", lambda p: one_model(p, parallelism={"tensor_parallel_size": 3}), "models[m]", "does not divide"),
     ("duplicate_id", lambda p: {"models": [{"id": "m", "path": p}, {"id": "m", "path": p}]}, "(top level)", "Duplicate model ids ['m']"),
-    ("missing_path", lambda p: one_model(p + "-missing"), "models.0.path", "no model checkpoint"),
+    ("missing_path", lambda p: one_model(p + "-missing"), "models[m].path", "no model checkpoint"),
     ("no_models", lambda p: {"models": []}, "models", "at least 1 item"),
-    ("default_above_cap", lambda p: one_model(p, limits={"default_max_tokens": 600, "max_tokens_cap": 512}), "models.0.limits", "default_max_tokens (600) must be <= max_tokens_cap (512)"),
-    ("cap_not_below_context", lambda p: one_model(p, engine={"max_model_len": 512}, limits={"max_tokens_cap": 512, "default_max_tokens": 256}), "models.0", "must be below engine.max_model_len"),
-    ("prompt_cap_plus_output_over_context", lambda p: one_model(p, engine={"max_model_len": 1024}, limits={"max_prompt_tokens": 800}), "models.0", "exceed engine.max_model_len"),
-    ("gpu_memory_over_one", lambda p: one_model(p, engine={"gpu_memory_utilization": 1.5}), "models.0.engine.gpu_memory_utilization", "less than or equal to 1"),
-    ("min_above_max_replicas", lambda p: one_model(p, replicas={"autoscaling": {"min_replicas": 3, "max_replicas": 2}}), "models.0.replicas.autoscaling", "min_replicas (3) must be <= max_replicas (2)"),
-    ("draft_method_without_model", lambda p: one_model(p, engine={"speculative": {"method": "draft_model", "num_speculative_tokens": 3}}), "models.0.engine.speculative", "needs `model`"),
-    ("accelerator_type_on_cpu", lambda p: one_model(p, parallelism={"accelerator_type": "A100"}), "models.0.parallelism", "accelerator_type is for GPUs"),
-    ("threads_bind_rank_count", lambda p: one_model(p, parallelism={"tensor_parallel_size": 2, "cpu_threads_bind": "0"}), "models.0.parallelism", "one core list per rank (2)"),
-    ("bad_model_id", lambda p: {"models": [{"id": "bad id!", "path": p}]}, "models.0.id", "should match pattern"),
-    ("replicas_two_ways", lambda p: one_model(p, replicas={"num_replicas": 2, "autoscaling": {"max_replicas": 3}}), "models.0.replicas", "either num_replicas or autoscaling"),
-    ("unknown_dtype", lambda p: one_model(p, engine={"dtype": "float8"}), "models.0.engine.dtype", "Input should be"),
+    ("default_above_cap", lambda p: one_model(p, limits={"default_max_tokens": 600, "max_tokens_cap": 512}), "models[m].limits", "default_max_tokens (600) must be <= max_tokens_cap (512)"),
+    ("cap_not_below_context", lambda p: one_model(p, engine={"max_model_len": 512}, limits={"max_tokens_cap": 512, "default_max_tokens": 256}), "models[m]", "must be below engine.max_model_len"),
+    ("prompt_cap_plus_output_over_context", lambda p: one_model(p, engine={"max_model_len": 1024}, limits={"max_prompt_tokens": 800}), "models[m]", "exceed engine.max_model_len"),
+    ("gpu_memory_over_one", lambda p: one_model(p, engine={"gpu_memory_utilization": 1.5}), "models[m].engine.gpu_memory_utilization", "less than or equal to 1"),
+    ("min_above_max_replicas", lambda p: one_model(p, replicas={"autoscaling": {"min_replicas": 3, "max_replicas": 2}}), "models[m].replicas.autoscaling", "min_replicas (3) must be <= max_replicas (2)"),
+    ("draft_method_without_model", lambda p: one_model(p, engine={"speculative": {"method": "draft_model", "num_speculative_tokens": 3}}), "models[m].engine.speculative", "needs `model`"),
+    ("accelerator_type_on_cpu", lambda p: one_model(p, parallelism={"accelerator_type": "A100"}), "models[m].parallelism", "accelerator_type is for GPUs"),
+    ("threads_bind_rank_count", lambda p: one_model(p, parallelism={"tensor_parallel_size": 2, "cpu_threads_bind": "0"}), "models[m].parallelism", "one core list per rank (2)"),
+    ("bad_model_id", lambda p: {"models": [{"id": "bad id!", "path": p}]}, "models[bad id!].id", "should match pattern"),
+    ("replicas_two_ways", lambda p: one_model(p, replicas={"num_replicas": 2, "autoscaling": {"max_replicas": 3}}), "models[m].replicas", "either num_replicas or autoscaling"),
+    ("unknown_dtype", lambda p: one_model(p, engine={"dtype": "float8"}), "models[m].engine.dtype", "Input should be"),
 ]
 
 
