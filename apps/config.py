@@ -40,7 +40,11 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 DEFAULT_MAX_NUM_SEQS = 64
 # Stream messages a model replica sends per engine step before tokens start to travel in groups.
 DEFAULT_STREAM_MESSAGES_PER_STEP = 8
-DEFAULT_INGRESS_MAX_ONGOING_REQUESTS = 1024
+# A request counts as ongoing at the ingress while its body is still arriving. With more slots
+# than HAProxy holds connections (RAY_SERVE_HAPROXY_MAXCONN, 4096), stalled senders can never
+# take them all; what reaches the engines is bounded by each model's admission gate instead.
+DEFAULT_INGRESS_MAX_ONGOING_REQUESTS = 8192
+DEFAULT_BODY_TIMEOUT_S = 10.0
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 # A rolling update starts every new replica before it stops an old one (where the cluster has room).
 DEFAULT_MAX_SURGE_PERCENT = 100
@@ -530,7 +534,11 @@ class IngressSettings(StrictModel):
     max_ongoing_requests: int = Field(
         default=DEFAULT_INGRESS_MAX_ONGOING_REQUESTS,
         ge=1,
-        description="Concurrent requests one ingress replica handles (Serve's default of 5 throttles streaming).",
+        description=(
+            "Requests one ingress replica holds at once, those still sending their body "
+            "included: keep it above HAProxy's connection cap, so slow senders cannot take "
+            "every slot (the engines' load is bounded by each model's admission)."
+        ),
     )
     drain_timeout_s: float = Field(
         default=DEFAULT_DRAIN_TIMEOUT_S,
@@ -545,6 +553,15 @@ class IngressSettings(StrictModel):
     )
     max_body_bytes: int = Field(
         default=DEFAULT_MAX_BODY_BYTES, ge=1024, description="Live. Largest request body; more gets 413."
+    )
+    body_timeout_s: float = Field(
+        default=DEFAULT_BODY_TIMEOUT_S,
+        gt=0,
+        description=(
+            "Live. How long a request's body may take to arrive once its headers have; then 408 "
+            "and the connection is closed. (Headers are HAProxy's: RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S "
+            "in configs/ray-serve.env.)"
+        ),
     )
 
 

@@ -90,6 +90,24 @@ class PayloadTooLarge(ClientError):
     code = "request_too_large"
 
 
+class BodyTimeout(ClientError):
+    """The request body did not arrive in time (408); the connection is closed."""
+
+    status = HTTPStatus.REQUEST_TIMEOUT
+    code = "request_timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers["connection"] = "close"  # what is left of the body is never read
+
+
+class ClientClosed(ClientError):
+    """The client left before its request was read (499: nobody receives this answer)."""
+
+    status = CLIENT_CLOSED_REQUEST
+    code = "client_closed"
+
+
 class ModelNotFound(ClientError):
     """The requested model is not served here (404)."""
 

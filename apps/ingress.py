@@ -206,7 +206,8 @@ class Ingress:
         live = self._live  # one snapshot of the settings for the whole request
         caller = live.keys.authenticate(request.headers.get("authorization"))
         record.key = caller.name
-        body = parse_body(await read_body(request, live.config.ingress.max_body_bytes))
+        ingress = live.config.ingress
+        body = parse_body(await read_body(request, ingress.max_body_bytes, ingress.body_timeout_s))
         model_id = requested_model(body)
         record.stream = body.get("stream") is True
         live.keys.authorize(caller, model_id, live.routes)

@@ -11,16 +11,17 @@ prompt-length cap is checked there too, on the real token count (`apps.model_ser
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from apps.config import RequestLimits
-from apps.errors import InvalidRequest, PayloadTooLarge
+from apps.errors import BodyTimeout, ClientClosed, InvalidRequest, PayloadTooLarge
 
 Endpoint = Literal["chat", "completion"]
 # Chat accepts OpenAI's newer name too; both mean the same limit.
@@ -47,17 +48,27 @@ class ShapedRequest:
     reserved_tokens: int  # prompt estimate + choices x max_tokens
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, or 413 as soon as it passes `max_bytes` (never buffered whole first)."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The request body, or 413 as soon as it passes `max_bytes` (never buffered whole first),
+    or 408 when it has not all arrived within `timeout_s` (a slow or stalled sender holds an
+    ingress slot meanwhile), or 499 when the client leaves first."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise _too_large(max_bytes)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"The request body did not arrive within {timeout_s:g}s ({size} bytes received)."
+        ) from None
+    except ClientDisconnect:
+        raise ClientClosed("The client closed the connection while sending its request.") from None
     return b"".join(chunks)
 
 

@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from starlette.requests import Request
 
 from apps.config import RequestLimits
-from apps.errors import InvalidRequest, error_body
-from apps.validation import parse_body, prompt_estimate, requested_model, shape_request
+from apps.errors import BodyTimeout, ClientClosed, InvalidRequest, error_body
+from apps.validation import parse_body, prompt_estimate, read_body, requested_model, shape_request
 
 LIMITS = RequestLimits(default_max_tokens=100, max_tokens_cap=200, max_n=3, max_stop_sequences=2)
 
@@ -162,3 +165,39 @@ def test_beam_search_is_refused():
     with pytest.raises(InvalidRequest) as raised:
         shape_request(chat(use_beam_search=True), "chat", "tiny", LIMITS)
     assert (raised.value.param, raised.value.code) == ("use_beam_search", "unsupported_parameter")
+
+
+def body_request(*messages: dict) -> Request:
+    """A request whose body arrives as `messages`, then never again (a stalled sender)."""
+    pending = list(messages)
+
+    async def receive() -> dict:
+        if pending:
+            return pending.pop(0)
+        await asyncio.Event().wait()  # the rest of the body never comes
+        raise AssertionError("unreachable")
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", b"100")]}
+    return Request(scope, receive)
+
+
+def test_a_body_that_stops_arriving_gets_408_and_a_closed_connection():
+    request = body_request({"type": "http.request", "body": b'{"model":', "more_body": True})
+    with pytest.raises(BodyTimeout, match=r"did not arrive within 0.05s \(9 bytes received\)") as caught:
+        asyncio.run(read_body(request, 1000, timeout_s=0.05))
+    assert caught.value.status == 408 and caught.value.headers == {"connection": "close"}
+
+
+def test_a_client_leaving_mid_body_is_499_not_an_internal_error():
+    request = body_request({"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"})
+    with pytest.raises(ClientClosed) as caught:
+        asyncio.run(read_body(request, 1000, timeout_s=5))
+    assert caught.value.status == 499
+
+
+def test_a_body_that_arrives_in_time_is_read_whole():
+    request = body_request(
+        {"type": "http.request", "body": b'{"a":', "more_body": True},
+        {"type": "http.request", "body": b"1}", "more_body": False},
+    )
+    assert asyncio.run(read_body(request, 1000, timeout_s=5)) == b'{"a":1}'
