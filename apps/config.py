@@ -559,8 +559,9 @@ class IngressSettings(StrictModel):
         gt=0,
         description=(
             "Live. How long a request's body may take to arrive once its headers have; then 408 "
-            "and the connection is closed. (Headers are HAProxy's: RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S "
-            "in configs/ray-serve.env.)"
+            "and the connection is closed. A body of max_body_bytes (2 MiB) needs about 200 KB/s "
+            "to arrive in 10 s: raise it for large prompts over slow links. (Headers are "
+            "HAProxy's: RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S in configs/ray-serve.env.)"
         ),
     )
 
