@@ -13,7 +13,10 @@ where restarts are cheap or dear:
     model     (`apps.builder:build_model`)     one per model: `id`, `path`, `engine`,
               `parallelism`, `replicas`, `warmup`. An edit rolls that model's replicas only.
 
-The applications are told apart by their import path, not their names. Every builder validates
+The applications are told apart by their import path; their names are fixed (`llm`,
+`llm-settings`, `model-<id>`: the ingress and the model replicas find each other by them).
+Settings for a model no application serves are ignored with a warning: Serve deletes an
+application left out of the file even when another application's build fails. Every builder validates
 the whole config its application makes with the others (read from Serve's controller, which holds
 the submitted file before any build starts): an invalid edit fails that application's build, so
 Serve keeps running what it had and `serve status` names the field. The ingress validates the same
@@ -123,6 +126,10 @@ def compose_args(deployed: DeployedArgs) -> dict[str, Any]:
             )
     ((gateway_name, gateway),) = by_kind[GATEWAY_IMPORT_PATH]
     ((settings_name, settings),) = by_kind[SETTINGS_IMPORT_PATH]
+    # Model replicas find the rate limiter by the gateway's name; operators, the settings by theirs.
+    for name, expected in ((gateway_name, GATEWAY_APP), (settings_name, SETTINGS_APP)):
+        if name != expected:
+            raise PartError(f"{name}: this application must be named {expected!r}.")
     _only(gateway_name, gateway, {"ingress"})
     _only(f"{gateway_name}: ingress", gateway.get("ingress") or {}, GATEWAY_INGRESS_FIELDS)
     _only(settings_name, settings, SETTINGS_FIELDS)
@@ -140,16 +147,25 @@ def compose_args(deployed: DeployedArgs) -> dict[str, Any]:
             )
         models.append(copy.deepcopy(dict(model)))
     by_id = {model.get("id"): model for model in models}
+    seen: set[Any] = set()
     for index, live in enumerate(settings.get("models") or []):
         if not isinstance(live, Mapping):
             raise PartError(f"{settings_name}: models.{index} must be a mapping.")
         _only(f"{settings_name}: models.{index}", live, MODEL_SETTINGS_FIELDS)
+        if live.get("id") in seen:
+            raise PartError(f"{settings_name}: models.{index}: model {live.get('id')!r} is listed twice.")
+        seen.add(live.get("id"))
         model = by_id.get(live.get("id"))
         if model is None:
-            raise PartError(
-                f"{settings_name}: models.{index}: no application serves model {live.get('id')!r} "
-                f"(served: {sorted(str(i) for i in by_id)})."
+            # Serve deletes an application left out of the file whatever else the file holds, so
+            # the settings of a model just removed must not hold the rest back.
+            logger.warning(
+                "%s: models.%d: no application serves model %r; its settings are ignored.",
+                settings_name,
+                index,
+                live.get("id"),
             )
+            continue
         model.update({k: copy.deepcopy(v) for k, v in live.items() if k != "id"})
     composed: dict[str, Any] = {
         "models": models,
@@ -169,10 +185,23 @@ def _only(where: str, args: Mapping[str, Any], allowed: set[str] | frozenset[str
         )
 
 
-def _controller() -> Any:
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+_controller_handle: Any = None
 
-    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+
+def _controller() -> Any:
+    """Serve's controller actor, looked up once per process (the lookup blocks on the GCS)."""
+    global _controller_handle
+    if _controller_handle is None:
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        _controller_handle = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    return _controller_handle
+
+
+def _forget_controller() -> None:
+    """After a failed call: the controller may have been restarted as a new actor."""
+    global _controller_handle
+    _controller_handle = None
 
 
 def _as_deployed(configs: Mapping[str, Any]) -> dict[str, tuple[str, Mapping[str, Any]]]:
@@ -182,17 +211,20 @@ def _as_deployed(configs: Mapping[str, Any]) -> dict[str, tuple[str, Mapping[str
 def deployed_args() -> dict[str, tuple[str, Mapping[str, Any]]]:
     """Every application's import path and `args` as last submitted to Serve (`serve deploy`):
     the controller stores a config file before it builds any of its applications."""
-    configs = ray.get(_controller().get_app_configs.remote(), timeout=CONTROLLER_TIMEOUT_S)
+    try:
+        configs = ray.get(_controller().get_app_configs.remote(), timeout=CONTROLLER_TIMEOUT_S)
+    except Exception:
+        _forget_controller()
+        raise
     return _as_deployed(configs)
 
 
 async def deployed_args_async() -> dict[str, tuple[str, Mapping[str, Any]]]:
     """`deployed_args`, without blocking the event loop."""
-    configs = await asyncio.wait_for(_controller().get_app_configs.remote(), CONTROLLER_TIMEOUT_S)
+    try:
+        controller = _controller() if _controller_handle is not None else await asyncio.to_thread(_controller)
+        configs = await asyncio.wait_for(controller.get_app_configs.remote(), CONTROLLER_TIMEOUT_S)
+    except Exception:
+        _forget_controller()
+        raise
     return _as_deployed(configs)
-
-
-def gateway_app_name(deployed: DeployedArgs) -> str | None:
-    """The name of the application holding the ingress and the rate limiter."""
-    names = [name for name, (import_path, _) in deployed.items() if import_path == GATEWAY_IMPORT_PATH]
-    return names[0] if len(names) == 1 else None

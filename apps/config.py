@@ -20,6 +20,7 @@ in CI), which skips the path and attention-head checks.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -34,6 +35,7 @@ from pydantic import (
     model_validator,
 )
 
+logger = logging.getLogger("ray.serve")
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_TOKENS_CAP = 512
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
@@ -473,8 +475,9 @@ class ModelConfig(StrictModel):
     ] = Field(
         default_factory=dict,
         description="Live. Named system prompts: a chat request's `system_prompt: NAME` puts the "
-        "text first, byte-identical in every request (so the prefix cache reuses it). A replica "
-        "warms up the prompts named when it starts; one added later warms on its first use.",
+        "text first, byte-identical in every request (so the prefix cache reuses it). A model's "
+        "replicas warm up the prompts named when its application was last built; one added "
+        "later warms on its first use.",
     )
 
     @field_validator("path")
@@ -607,9 +610,10 @@ class AuthSettings(StrictModel):
         default=None,
         description=(
             "A YAML file with a list of more keys (same fields), read whenever the settings are "
-            "validated: by the builders and by every ingress replica, so it must be readable on "
-            "every node that runs one (a shared mount, or the same path everywhere). An edit of "
-            "the file alone applies at the next deploy of the settings."
+            "validated: by the builders and by every ingress replica (when the deployed args "
+            "change, and when it starts), so it must be readable on every node that runs one. "
+            "An edit of the file alone is not noticed: change the settings' args with it (rename "
+            "the file, say), or replicas that restart will read it while the others do not."
         ),
     )
 
@@ -678,11 +682,14 @@ class AppConfig(StrictModel):
 
     @model_validator(mode="after")
     def _key_models_served(self) -> AppConfig:
+        # A warning, not an error: Serve deletes a model's application left out of the file even
+        # when another application's build fails, so refusing the settings of a key that still
+        # names a removed model would leave the gateway routing to it.
         served = {m.id for m in self.models}
         for key in self.auth.keys:
             unknown = sorted(set(key.models or ()) - served)
             if unknown:
-                raise ValueError(f"Key {key.name!r} names models that are not served: {unknown}")
+                logger.warning("Key %r names models that are not served: %s", key.name, unknown)
         return self
 
 

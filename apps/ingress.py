@@ -64,7 +64,7 @@ from apps.failover import (
     is_lost_replica_code,
     is_replica_lost,
 )
-from apps.live import SettingsWatch, live_settings
+from apps.live import SettingsWatch, live_settings, starting_settings
 from apps.metrics import ingress_metrics
 from apps.prefixes import apply_system_prompt
 from apps.rate_limits import Settler, rate_limit_error, ratelimit_headers, reservation_lease_s
@@ -130,7 +130,8 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 class Ingress:
     """Routes each request by its `model` field to that model's deployment, after admission."""
 
-    def __init__(self, config: AppConfig, limiter: DeploymentHandle) -> None:
+    async def __init__(self, config: AppConfig, limiter: DeploymentHandle) -> None:
+        config = await starting_settings(config)  # `config` is as of the gateway's last build
         self._limiter = limiter
         self._settler = Settler(limiter)
         self._metrics = ingress_metrics()

@@ -7,11 +7,17 @@ the snapshot once, at its start, and keeps it to its end. What carries state acr
 kept: a model's admission gate (its requests in flight and waiting; it takes the new bounds), its
 replica watch, its volatile-prefix watch and its handle. Rate-limit state lives in the limiter,
 which gets each key's limits with every reservation.
+
+A replica that starts (a new one, or one Serve restarted) serves with the deployed settings if
+they are valid, else with the last settings any replica applied (kept in Ray's internal KV store),
+and only failing both with those its application was built with: a key revoked live stays
+revoked after a restart, even while a later edit is being refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +39,9 @@ from apps.config import AppConfig, ConfigError, load_config
 from apps.prefixes import VolatilePrefixWatch
 
 logger = logging.getLogger("ray.serve")
+# Where the last applied settings are kept for replicas that start later.
+APPLIED_KEY = b"applied-settings"
+APPLIED_NAMESPACE = "llm-gateway"
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,7 @@ class SettingsWatch:
                 logger.warning("Could not read the deployed settings: %r", exc)
 
     async def poll(self) -> bool:
-        """One read; True when a new config was applied."""
+        """One read; True when a new config was applied (and published for later replicas)."""
         args = compose_or_error(await deployed_args_async())
         if args == self._last_args:
             return False
@@ -134,6 +143,10 @@ class SettingsWatch:
         self._current = config
         self._apply(config)
         logger.info("Live settings applied; changed: %s.", ", ".join(changed))
+        try:
+            await asyncio.to_thread(publish_applied, args)
+        except Exception as exc:  # only later replicas' starting point is at stake
+            logger.warning("Could not keep the applied settings for later replicas: %r", exc)
         return True
 
 
@@ -161,3 +174,37 @@ def changed_fields(old: AppConfig, new: AppConfig) -> list[str]:
         ]
     changed += [f"models[{model_id}] removed" for model_id in old_models]
     return changed
+
+
+async def starting_settings(built: AppConfig) -> AppConfig:
+    """What a starting ingress replica serves with: the deployed settings if they are valid,
+    else the last ones any replica applied, else `built` (its application's build-time config)."""
+    sources = (("deployed", _deployed_args), ("last applied", _applied_args))
+    for source, read in sources:
+        try:
+            args = await read()
+            if isinstance(args, str):
+                raise ConfigError(args)
+            if args is not None:
+                return load_config(args, check_model_files=False)
+        except Exception as exc:
+            logger.warning("Starting without the %s settings: %s", source, exc)
+    return built
+
+
+async def _deployed_args() -> dict[str, Any] | str:
+    return compose_or_error(await deployed_args_async())
+
+
+async def _applied_args() -> dict[str, Any] | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = await asyncio.to_thread(_internal_kv_get, APPLIED_KEY, namespace=APPLIED_NAMESPACE)
+    return json.loads(raw) if raw else None
+
+
+def publish_applied(args: dict[str, Any]) -> None:
+    """Keep `args` (valid, just applied) as the starting point of replicas that start later."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(APPLIED_KEY, json.dumps(args).encode(), overwrite=True, namespace=APPLIED_NAMESPACE)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from apps.applications import GATEWAY_APP, LIMITER_DEPLOYMENT, deployed_args_async, gateway_app_name
+from apps.applications import GATEWAY_APP, LIMITER_DEPLOYMENT
 from apps.config import ModelConfig
 from apps.engine_args import engine_args
 from apps.errors import (
@@ -96,7 +96,7 @@ class ModelServer:
 
         self._model = model
         self._metrics = model_server_metrics()
-        self._settler = Settler(await _limiter())
+        self._settler = Settler(_limiter())
         placement = placement_for(model.parallelism)
         if model.parallelism.accelerator == "cpu":
             # Read by vLLM when it starts the workers, so set before the engine exists.
@@ -353,16 +353,10 @@ class ModelServer:
             engine.shutdown()
 
 
-async def _limiter() -> DeploymentHandle:
+def _limiter() -> DeploymentHandle:
     """The gateway's rate limiter, which this replica settles reservations with (it lives in
-    another application: `apps.applications`)."""
-    try:
-        app_name = gateway_app_name(await deployed_args_async()) or GATEWAY_APP
-    except Exception as exc:  # declarative deploys only; the default name otherwise
-        logger.warning("Could not read the deployed applications: %r", exc)
-        app_name = GATEWAY_APP
-    # A handle needs no replica yet (the gateway may still be deploying).
-    return DeploymentHandle(LIMITER_DEPLOYMENT, app_name)
+    the gateway's application: `apps.applications`). A handle needs no replica yet."""
+    return DeploymentHandle(LIMITER_DEPLOYMENT, GATEWAY_APP)
 
 
 def _serve_logging_saved() -> Callable[[], None]:

@@ -19,7 +19,7 @@ from apps.applications import (
     split_args,
 )
 from apps.config import ApiKey, load_config
-from apps.live import SettingsWatch, changed_fields, live_settings
+from apps.live import SettingsWatch, changed_fields, live_settings, starting_settings
 from apps.rate_limits import KeyLimits
 from tests.conftest import CONFIGS, app_args
 
@@ -90,19 +90,34 @@ def test_a_field_in_the_wrong_application_is_named(where, field, message):
         compose_args(applications)
 
 
-def test_settings_for_a_model_nobody_serves_and_misnamed_model_applications_are_refused():
-    applications = deployed(split_args(WHOLE))
-    del applications["model-org_m2"]
-    with pytest.raises(PartError, match=r"no application serves model 'org/m2'"):
-        compose_args(applications)
+def test_misnamed_applications_and_twice_listed_settings_are_refused():
     applications = deployed(split_args(WHOLE))
     applications["other-name"] = applications.pop("model-m1")
     with pytest.raises(PartError, match=r"must be named 'model-m1'"):
         compose_args(applications)
     applications = deployed(split_args(WHOLE))
+    applications["gateway"] = applications.pop("llm")
+    with pytest.raises(PartError, match=r"gateway: this application must be named 'llm'"):
+        compose_args(applications)
+    applications = deployed(split_args(WHOLE))
     del applications["llm-settings"]
     with pytest.raises(PartError, match=SETTINGS_IMPORT_PATH):
         compose_args(applications)
+    applications = deployed(split_args(WHOLE))
+    settings = copy.deepcopy(applications["llm-settings"][1])
+    settings["models"].append({"id": "m1", "limits": {"default_max_tokens": 10}})
+    applications["llm-settings"] = (SETTINGS_IMPORT_PATH, settings)
+    with pytest.raises(PartError, match=r"models.2: model 'm1' is listed twice"):
+        compose_args(applications)
+
+
+def test_settings_of_a_model_just_removed_are_ignored_not_refused(caplog):
+    """Serve deletes an application left out of the file whatever else happens to the edit."""
+    applications = deployed(split_args(WHOLE))
+    del applications["model-org_m2"]
+    composed = compose_args(applications)
+    assert [model["id"] for model in composed["models"]] == ["m1"]
+    assert "no application serves model 'org/m2'; its settings are ignored" in caplog.text
 
 
 @pytest.mark.parametrize("config_file", sorted(p.name for p in CONFIGS.glob("*.yaml")))
@@ -200,10 +215,24 @@ def test_leases_of_different_lengths_expire_in_time_order():
     assert limits.reserve("k", 1, "long", limits=key, lease_s=100).admitted
     assert limits.reserve("k", 1, "short", limits=key, lease_s=10).admitted
     assert not limits.reserve("k", 1, limits=key).admitted
-    now[0] = 11.0  # the short lease expired behind the long one
-    assert limits.in_flight("k") == 2
+    now[0] = 11.0  # the short lease expired behind the long one: its slot is free again
     assert limits.reserve("k", 1, "third", limits=key, lease_s=10).admitted
     assert limits.in_flight("k") == 2
+
+
+def test_settled_reservations_leave_no_pile_of_expiries():
+    now = [0.0]
+    key = ApiKey(name="k", sha256="0" * 64, max_concurrent_requests=5)
+    limits = KeyLimits([], lease_s=600, clock=lambda: now[0])
+    for i in range(5000):
+        now[0] = i * 0.01
+        limits.settle(limits.reserve("k", 1, limits=key).reservation, 1)
+    held = limits.reserve("k", 1, "held", limits=key)  # one still open
+    assert held.admitted
+    assert len(limits._expiries) < 2 * 1 + 1024 + 2, "settled leases are compacted away"
+    now[0] = 1000.0  # past every lease: the open one is charged, the settled ones change nothing
+    assert limits.reserve("k", 1, limits=key).admitted
+    assert limits.in_flight("k") == 1
 
 
 def test_the_log_names_what_a_change_changed():
@@ -237,3 +266,31 @@ def test_a_new_snapshot_keeps_each_models_gate_and_handle_and_takes_the_new_boun
     assert second.prefix_watches["m1"] is first.prefix_watches["m1"]
     assert sorted(second.routes) == ["m1", "m3"], "org/m2 removed, m3 added"
     assert first.routes["m1"].config.admission.max_in_flight is None, "the old snapshot is unchanged"
+
+
+@pytest.mark.parametrize(
+    ("deployed_valid", "applied_valid", "expected_cap"),
+    [(True, True, 280), (False, True, 270), (False, False, 300)],
+    ids=["deployed", "last-applied", "built"],
+)
+def test_a_starting_ingress_takes_the_deployed_then_the_last_applied_then_the_built_settings(
+    monkeypatch, deployed_valid, applied_valid, expected_cap
+):
+    """A key revoked live must stay revoked when a replica restarts while an edit is refused."""
+
+    def whole(cap: int) -> dict:
+        args = copy.deepcopy(WHOLE)
+        args["models"][0]["limits"]["max_tokens_cap"] = cap
+        return args
+
+    async def deployed() -> dict:
+        return whole(280 if deployed_valid else -1)
+
+    async def applied() -> dict | None:
+        return whole(270) if applied_valid else None
+
+    monkeypatch.setattr("apps.live._deployed_args", deployed)
+    monkeypatch.setattr("apps.live._applied_args", applied)
+    built = load_config(whole(300), check_model_files=False)
+    config = asyncio.run(starting_settings(built))
+    assert config.models[0].limits.max_tokens_cap == expected_cap
