@@ -110,7 +110,7 @@ class SettingsWatch:
     def __init__(self, current: AppConfig, apply: Callable[[AppConfig], None]) -> None:
         self._current = current
         self._apply = apply
-        self._last_args: dict[str, Any] | None = None
+        self._last_deployed: Mapping[str, Any] | None = None
         self._last_error: str | None = None
 
     async def run(self) -> None:
@@ -123,10 +123,11 @@ class SettingsWatch:
 
     async def poll(self) -> bool:
         """One read; True when a new config was applied (and published for later replicas)."""
-        args = compose_or_error(await deployed_args_async())
-        if args == self._last_args:
+        deployed = await deployed_args_async()
+        if deployed == self._last_deployed:  # nothing deployed since: nothing to validate or log
             return False
-        self._last_args = args
+        self._last_deployed = deployed
+        args = compose_or_error(deployed)
         try:
             if isinstance(args, str):
                 raise ConfigError(args)
