@@ -42,8 +42,8 @@ from apps.failover import is_replica_lost
 from apps.metrics import UNAUTHENTICATED, model_server_metrics
 from apps.placement import omp_threads_bind, placement_for
 from apps.rate_limits import Settler
-from apps.routing import RoutingKnobs
 from apps.resume import Resume, ResumedEvents, resume_refusal, stream_identity
+from apps.routing import RoutingKnobs
 from apps.streaming import (
     SSE_MEDIA_TYPE,
     Accepted,
