@@ -4,23 +4,25 @@ Serve hashes each application's `args` on its own, and restarts every replica of
 whose `args` changed (Ray 2.60, `get_app_code_version`). So a config file splits the gateway
 where restarts are cheap or dear:
 
-    gateway   (`apps.builder:build_gateway`)   the HTTP ingress and the rate limiter: `ingress`
-              replica options. An edit rolls the ingress; rarely needed.
-    settings  (`apps.builder:build_settings`)  everything live: `auth`, the ingress's request
-              settings, per model `limits`, `admission`, `system_prompts`, `routing`. An edit restarts only
-              this application's one small replica; every ingress replica reads the new settings
-              within about a second (`SETTINGS_POLL_S`) and swaps them in whole.
-    model     (`apps.builder:build_model`)     one per model: `id`, `path`, `engine`,
-              `parallelism`, `replicas`, `warmup`. An edit rolls that model's replicas only.
+    llm            (`build_gateway`)   the HTTP ingress and the rate limiter: `ingress` replica
+                                       options. An edit rolls the ingress; rarely needed.
+    llm-settings   (`build_settings`)  everything live: `auth`, the ingress's request settings,
+                                       per model `limits`, `admission`, `system_prompts`,
+                                       `routing`. An edit restarts only this application's one
+                                       small replica; every ingress replica reads the new
+                                       settings within about a second (`SETTINGS_POLL_S`) and
+                                       swaps them in whole (`apps.live`).
+    model-<id>     (`build_model`)     one per model: `id`, `path`, `engine`, `parallelism`,
+                                       `replicas`, `warmup`. An edit rolls that model's replicas.
 
-The applications are told apart by their import path; their names are fixed (`llm`,
-`llm-settings`, `model-<id>`: the ingress and the model replicas find each other by them).
-Settings for a model no application serves are ignored with a warning: Serve deletes an
-application left out of the file even when another application's build fails. Every builder validates
-the whole config its application makes with the others (read from Serve's controller, which holds
-the submitted file before any build starts): an invalid edit fails that application's build, so
-Serve keeps running what it had and `serve status` names the field. The ingress validates the same
-whole before it swaps anything in.
+The applications are told apart by their import path (`apps.builder:...`); their names are
+fixed, because the ingress and the model replicas find each other by them. Settings for a model
+no application serves are ignored with a warning: Serve deletes an application left out of the
+file even when another application's build fails. Every builder validates the whole config its
+application makes with the others (read from Serve's controller, which holds the submitted file
+before any build starts): an invalid edit fails that application's build, so Serve keeps running
+what it had and `serve status` names the field. The ingress validates the same whole before it
+swaps anything in.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ DeployedArgs = Mapping[str, tuple[str, Mapping[str, Any]]]
 
 
 class PartError(ValueError):
-    """An application's `args` hold a field that belongs to another application."""
+    """The applications do not make one config: a field in the wrong application, a misnamed or
+    missing application, a model's settings listed twice."""
 
 
 def deployment_name(model_id: str) -> str:
