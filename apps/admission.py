@@ -17,6 +17,7 @@ queue's real drain rate, when the model is full. Serve's own per-replica queue k
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections import deque
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 from apps.config import PRIORITIES, ModelConfig, Priority
 from apps.errors import DeadlineExceeded, Overloaded
 from apps.failover import ReplicaWatch
+from apps.rate_limits import reservation_lease_s
 from apps.routing import RoutingKnobs
 
 # A replica may hold a few more requests than its engine batches, so the next batch is ready
@@ -241,12 +243,19 @@ class ModelRoute:
     stream: Any  # DeploymentHandle with stream=True
     replicas: ReplicaWatch = field(default_factory=ReplicaWatch)
 
-    @property
+    @functools.cached_property
     def routing(self) -> RoutingKnobs:
-        """The model's routing settings, as each call carries them to the router."""
+        """The model's routing settings, as each call carries them to the router (made once per
+        settings snapshot: a route is rebuilt when they change)."""
         settings = self.config.routing
         affinity = settings.policy == "prefix_affinity"
         return RoutingKnobs(affinity, settings.prefix_chars, settings.max_imbalance)
+
+    @functools.cached_property
+    def lease_s(self) -> float:
+        """How long the limiter holds an unsettled reservation for this model."""
+        admission = self.config.admission
+        return reservation_lease_s(admission.queue_timeout_s, admission.request_timeout_s)
 
     @property
     def scales_to_zero(self) -> bool:

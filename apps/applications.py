@@ -179,6 +179,13 @@ def compose_args(deployed: DeployedArgs) -> dict[str, Any]:
     return composed
 
 
+def compose_file(serve_config: Mapping[str, Any]) -> dict[str, Any]:
+    """`compose_args` of a Serve config file's content (its `applications:`)."""
+    return compose_args(
+        {app["name"]: (app["import_path"], app.get("args") or {}) for app in serve_config["applications"]}
+    )
+
+
 def _only(where: str, args: Mapping[str, Any], allowed: set[str] | frozenset[str]) -> None:
     misplaced = sorted(set(args) - set(allowed))
     if misplaced:

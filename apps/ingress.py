@@ -67,7 +67,7 @@ from apps.failover import (
 from apps.live import SettingsWatch, live_settings, starting_settings
 from apps.metrics import ingress_metrics
 from apps.prefixes import apply_system_prompt
-from apps.rate_limits import Settler, rate_limit_error, ratelimit_headers, reservation_lease_s
+from apps.rate_limits import Settler, rate_limit_error, ratelimit_headers
 from apps.resume import Resume, StreamIdentity
 from apps.streaming import SSE_MEDIA_TYPE, Accepted, RelayResponse, ResponseHead, StreamEnd
 from apps.telemetry import RequestRecord, RequestTelemetry, export_gauges, request_record
@@ -234,10 +234,8 @@ class Ingress:
         """The caller's reservation in the shared limiter, with the key's current limits; adds
         its `x-ratelimit-*` headers."""
         reservation = uuid.uuid4().hex
-        admission = route.config.admission
-        lease_s = reservation_lease_s(admission.queue_timeout_s, admission.request_timeout_s)
         call = self._limiter.reserve.remote(
-            caller.name, shaped.reserved_tokens, reservation, caller.key, lease_s
+            caller.name, shaped.reserved_tokens, reservation, caller.key, route.lease_s
         )
         try:
             decision = await asyncio.wait_for(call, LIMITER_TIMEOUT_S)

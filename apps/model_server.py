@@ -381,11 +381,11 @@ def _serve_logging_saved() -> Callable[[], None]:
 class _Settlement:
     """Settles one reservation with the limiter, exactly once."""
 
-    def __init__(self, settler: Settler | None, reservation: str | None, usage: Usage) -> None:
+    def __init__(self, settler: Settler, reservation: str | None, usage: Usage) -> None:
         self._settler = settler
         self._reservation = reservation
         self._usage = usage
-        self._done = settler is None or reservation is None
+        self._done = reservation is None
 
     async def wait(self) -> None:
         """Settle and wait for the limiter to have it (bounded: never holds up the answer long;

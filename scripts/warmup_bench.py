@@ -26,7 +26,7 @@ from ray import serve
 from ray.serve._private.api import serve_start
 from ray.serve.schema import ServeDeploySchema
 
-from apps.applications import compose_args, split_args
+from apps.applications import compose_file, split_args
 from scripts.loadgen import RequestResult, merge, ratio_table, run_load, summarize
 from scripts.workloads import make_workload
 
@@ -37,7 +37,7 @@ MODES = ("off", "on")
 def app_args(warm_prompts: list[str] | None) -> dict[str, Any]:
     """configs/bench.yaml's whole config; warm-up off (None) or warmed with these system prompts."""
     serve_config = yaml.safe_load((ROOT / "configs" / "bench.yaml").read_text())
-    args = compose_args({a["name"]: (a["import_path"], a["args"]) for a in serve_config["applications"]})
+    args = compose_file(serve_config)
     (model,) = args["models"]
     model["path"] = str(ROOT / model["path"])
     if warm_prompts is None:

@@ -37,7 +37,7 @@ from ray.serve._private.api import serve_start  # noqa: E402
 from ray.serve.handle import DeploymentHandle  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
-from apps.applications import GATEWAY_APP, compose_args, split_args  # noqa: E402
+from apps.applications import GATEWAY_APP, compose_file, split_args  # noqa: E402
 
 APP_START_TIMEOUT_S = 600
 
@@ -47,9 +47,7 @@ def app_args(config_file: str, *, local_paths: bool = False) -> dict[str, Any]:
     make together. `local_paths`: model paths made absolute (configs name them relative to the
     project root)."""
     serve_config = yaml.safe_load((CONFIGS / config_file).read_text())
-    args = compose_args(
-        {app["name"]: (app["import_path"], app.get("args") or {}) for app in serve_config["applications"]}
-    )
+    args = compose_file(serve_config)
     if local_paths:
         for model in args["models"]:
             model["path"] = str(ROOT / model["path"])
