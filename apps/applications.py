@@ -8,12 +8,16 @@ where restarts are cheap or dear:
                                        options. An edit rolls the ingress; rarely needed.
     llm-settings   (`build_settings`)  everything live: `auth`, the ingress's request settings,
                                        per model `limits`, `admission`, `system_prompts`,
-                                       `routing`. An edit restarts only this application's one
-                                       small replica; every ingress replica reads the new
-                                       settings within about a second (`SETTINGS_POLL_S`) and
-                                       swaps them in whole (`apps.live`).
+                                       `routing`, and its replica count or autoscaling bounds
+                                       (`replicas.num_replicas`, `replicas.autoscaling`). An
+                                       edit restarts only this application's one small replica;
+                                       every ingress replica reads the new settings within about
+                                       a second (`SETTINGS_POLL_S`) and swaps them in whole
+                                       (`apps.live`); the models' autoscaling policy reads the
+                                       new sizing as fast (`apps.replica_policy`).
     model-<id>     (`build_model`)     one per model: `id`, `path`, `engine`, `parallelism`,
-                                       `replicas`, `warmup`. An edit rolls that model's replicas.
+                                       `warmup`, and the rest of `replicas`. An edit rolls that
+                                       model's replicas.
 
 The applications are told apart by their import path (`apps.builder:...`); their names are
 fixed, because the ingress and the model replicas find each other by them. Settings for a model
@@ -50,7 +54,10 @@ GATEWAY_INGRESS_FIELDS = frozenset(
     {"num_replicas", "num_cpus", "max_ongoing_requests", "drain_timeout_s"}
 )
 MODEL_APP_FIELDS = frozenset({"id", "path", "engine", "parallelism", "replicas", "warmup"})
-MODEL_SETTINGS_FIELDS = frozenset({"id", "limits", "admission", "system_prompts", "routing"})
+MODEL_SETTINGS_FIELDS = frozenset({"id", "limits", "admission", "system_prompts", "routing", "replicas"})
+# A model's `replicas` fields that are live settings (`apps.replica_policy`); the others stay
+# with its application.
+LIVE_REPLICA_FIELDS = frozenset({"num_replicas", "autoscaling"})
 SETTINGS_FIELDS = frozenset({"ingress", "auth", "models"})
 # How often an ingress replica reads the deployed settings.
 SETTINGS_POLL_S = 1.0
@@ -95,19 +102,25 @@ def split_args(args: Mapping[str, Any]) -> list[dict[str, Any]]:
         },
     ]
     for model in args.get("models") or []:
-        live = {k: copy.deepcopy(v) for k, v in model.items() if k in MODEL_SETTINGS_FIELDS}
+        replicas = dict(model.get("replicas") or {})
+        live = {k: copy.deepcopy(v) for k, v in model.items() if k in MODEL_SETTINGS_FIELDS - {"replicas"}}
+        live_replicas = {k: copy.deepcopy(v) for k, v in replicas.items() if k in LIVE_REPLICA_FIELDS}
+        if live_replicas:
+            live["replicas"] = live_replicas
         if len(live) > 1:  # more than its id
             settings_args.setdefault("models", []).append(live)
+        model_args = {
+            k: copy.deepcopy(v) for k, v in model.items() if k not in MODEL_SETTINGS_FIELDS - {"id"}
+        }
+        rolled_replicas = {k: copy.deepcopy(v) for k, v in replicas.items() if k not in LIVE_REPLICA_FIELDS}
+        if rolled_replicas:
+            model_args["replicas"] = rolled_replicas
         applications.append(
             {
                 "name": deployment_name(str(model.get("id"))),
                 "route_prefix": None,
                 "import_path": MODEL_IMPORT_PATH,
-                "args": {
-                    k: copy.deepcopy(v)
-                    for k, v in model.items()
-                    if k not in MODEL_SETTINGS_FIELDS - {"id"}
-                },
+                "args": model_args,
             }
         )
     return applications
@@ -142,6 +155,7 @@ def compose_args(deployed: DeployedArgs) -> dict[str, Any]:
     models = []
     for name, model in by_kind.get(MODEL_IMPORT_PATH, []):
         _only(name, model, MODEL_APP_FIELDS)
+        _only_replicas(f"{name}: replicas", model.get("replicas"), live=False)
         expected = deployment_name(str(model.get("id")))
         if name != expected:
             # The ingress finds a model's replicas by this name.
@@ -155,6 +169,7 @@ def compose_args(deployed: DeployedArgs) -> dict[str, Any]:
         if not isinstance(live, Mapping):
             raise PartError(f"{settings_name}: models.{index} must be a mapping.")
         _only(f"{settings_name}: models.{index}", live, MODEL_SETTINGS_FIELDS)
+        _only_replicas(f"{settings_name}: models.{index}.replicas", live.get("replicas"), live=True)
         if live.get("id") in seen:
             raise PartError(f"{settings_name}: models.{index}: model {live.get('id')!r} is listed twice.")
         seen.add(live.get("id"))
@@ -169,7 +184,9 @@ def compose_args(deployed: DeployedArgs) -> dict[str, Any]:
                 live.get("id"),
             )
             continue
-        model.update({k: copy.deepcopy(v) for k, v in live.items() if k != "id"})
+        model.update({k: copy.deepcopy(v) for k, v in live.items() if k not in ("id", "replicas")})
+        if live.get("replicas"):
+            model["replicas"] = dict(model.get("replicas") or {}) | copy.deepcopy(dict(live["replicas"]))
     composed: dict[str, Any] = {
         "models": models,
         "ingress": dict(gateway.get("ingress") or {}) | dict(live_ingress),
@@ -192,6 +209,21 @@ def _only(where: str, args: Mapping[str, Any], allowed: set[str] | frozenset[str
         raise PartError(
             f"{where}: {misplaced} do not belong here; this application's args take "
             f"{sorted(allowed)} (apps.applications says which application holds which field)."
+        )
+
+
+def _only_replicas(where: str, replicas: Any, live: bool) -> None:
+    """A model's `replicas` is split: its `LIVE_REPLICA_FIELDS` in the settings application
+    (`live`), the others in the model's. Its values are the schema's to check."""
+    if not isinstance(replicas, Mapping):
+        return
+    keys = set(replicas)
+    misplaced = sorted(keys - LIVE_REPLICA_FIELDS if live else keys & LIVE_REPLICA_FIELDS)
+    if misplaced:
+        raise PartError(
+            f"{where}: {misplaced} do not belong here; replicas.{sorted(LIVE_REPLICA_FIELDS)} are "
+            f"live settings, in {SETTINGS_APP}'s models, and the other replicas fields stay in the "
+            "model's application."
         )
 
 

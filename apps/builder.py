@@ -11,6 +11,7 @@ deployments' options from the schema.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,12 +31,20 @@ from apps.applications import (
     deployed_args,
     deployment_name,
 )
-from apps.config import DEFAULT_MAX_SURGE_PERCENT, AppConfig, ConfigError, ModelConfig, load_config
+from apps.config import (
+    DEFAULT_MAX_SURGE_PERCENT,
+    AppConfig,
+    AutoscalingSettings,
+    ConfigError,
+    ModelConfig,
+    load_config,
+)
 from apps.engine_args import engine_env_vars
 from apps.ingress import Ingress
 from apps.model_server import ModelServer
 from apps.placement import placement_for, unplaceable_reason
 from apps.rate_limits import RateLimiter
+from apps.replica_policy import REPLICA_CEILING, publish_sizing
 
 __all__ = ["build_gateway", "build_model", "build_settings", "deployment_name"]
 
@@ -57,7 +66,6 @@ LIMITER_MAX_ONGOING_REQUESTS = 10_000
 def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
     """Serve options of one model's deployment: placement, replicas, concurrency, health."""
     placement = placement_for(model.parallelism)
-    capacity = model.engine.max_num_seqs
     max_ongoing = replica_max_ongoing(model)
     options: dict[str, Any] = {
         "name": deployment_name(model.id),
@@ -79,20 +87,47 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
     }
     # The router's knobs are live settings: each request carries them (`apps.routing`).
     options["request_router_config"] = {"request_router_class": "apps.routing:PrefixAffinityRouter"}
+    # Every model autoscales under the live sizing policy, inside bounds Serve never reaches;
+    # Serve's delays are 0 because the policy counts them (`apps.replica_policy`).
+    sizing = replica_sizing(model)
     autoscaling = model.replicas.autoscaling
-    if autoscaling is None:
-        options["num_replicas"] = model.replicas.num_replicas
-    else:
-        options["autoscaling_config"] = {
-            "min_replicas": autoscaling.min_replicas,
-            "max_replicas": autoscaling.max_replicas,
-            "target_ongoing_requests": autoscaling.target_ongoing_requests
-            or max(1.0, capacity * TARGET_ONGOING_SHARE),
-            "upscale_delay_s": autoscaling.upscale_delay_s,
-            "downscale_delay_s": autoscaling.downscale_delay_s,
-            "look_back_period_s": autoscaling.look_back_period_s,
-        }
+    options["autoscaling_config"] = {
+        "min_replicas": 0,
+        "max_replicas": REPLICA_CEILING,
+        "initial_replicas": int(sizing["min_replicas"]),
+        "target_ongoing_requests": sizing["target_ongoing_requests"],
+        "upscale_delay_s": 0,
+        "downscale_delay_s": 0,
+        "look_back_period_s": (autoscaling or AutoscalingSettings()).look_back_period_s,
+        "policy": {
+            "policy_function": "apps.replica_policy:LiveSizingPolicy",
+            "policy_kwargs": {"model_id": model.id, "sizing": sizing, "built_at": time.time()},
+        },
+    }
     return options
+
+
+def replica_sizing(model: ModelConfig) -> dict[str, float]:
+    """`model`'s replica count or autoscaling bounds, as `apps.replica_policy` reads them (a fixed
+    count is min = max)."""
+    autoscaling = model.replicas.autoscaling
+    target = max(1.0, model.engine.max_num_seqs * TARGET_ONGOING_SHARE)
+    if autoscaling is None:
+        count = model.replicas.num_replicas
+        return {
+            "min_replicas": count,
+            "max_replicas": count,
+            "target_ongoing_requests": target,
+            "upscale_delay_s": 0.0,
+            "downscale_delay_s": 0.0,
+        }
+    return {
+        "min_replicas": autoscaling.min_replicas,
+        "max_replicas": autoscaling.max_replicas,
+        "target_ongoing_requests": autoscaling.target_ongoing_requests or target,
+        "upscale_delay_s": autoscaling.upscale_delay_s,
+        "downscale_delay_s": autoscaling.downscale_delay_s,
+    }
 
 
 class Settings:
@@ -160,7 +195,9 @@ def build_gateway(args: dict[str, Any]) -> Application:
 
 def build_settings(args: dict[str, Any]) -> Application:
     """Serve's builder of the live settings' application."""
-    _whole_config(SETTINGS_IMPORT_PATH, args)  # refuses an invalid edit before anything changes
+    config = _whole_config(SETTINGS_IMPORT_PATH, args)  # refuses an invalid edit before anything changes
+    if ray.is_initialized():
+        publish_sizing({model.id: replica_sizing(model) for model in config.models})
     return settings_application()
 
 

@@ -35,6 +35,8 @@ from pydantic import (
     model_validator,
 )
 
+from apps.replica_policy import REPLICA_CEILING
+
 logger = logging.getLogger("ray.serve")
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_TOKENS_CAP = 512
@@ -199,7 +201,7 @@ class AutoscalingSettings(StrictModel):
         default=1, ge=0, description="Fewest replicas; 0 scales to zero (the first request waits "
         "for a replica to start)."
     )
-    max_replicas: int = Field(default=1, ge=1, description="Most replicas.")
+    max_replicas: int = Field(default=1, ge=1, le=REPLICA_CEILING, description="Most replicas.")
     target_ongoing_requests: float | None = Field(
         default=None,
         gt=0,
@@ -216,7 +218,8 @@ class AutoscalingSettings(StrictModel):
         default=30.0,
         gt=10,
         description="Window over which ongoing requests are averaged; longer than Serve's 10 s "
-        "metrics interval (Serve warns otherwise, and will refuse it).",
+        "metrics interval (Serve warns otherwise, and will refuse it). Not live: Serve reads it "
+        "when the model's application is built, so it applies from the model's next roll.",
     )
 
     @model_validator(mode="after")
@@ -254,9 +257,12 @@ class RoutingSettings(StrictModel):
 class ReplicaSettings(StrictModel):
     """How many copies of the model's engine run, and how much each may take on."""
 
-    num_replicas: int = Field(default=1, ge=1, description="Fixed replica count (no autoscaling).")
+    num_replicas: int = Field(
+        default=1, ge=1, le=REPLICA_CEILING, description="Live. Fixed replica count (no autoscaling)."
+    )
     autoscaling: AutoscalingSettings | None = Field(
-        default=None, description="Autoscaling instead of a fixed count."
+        default=None,
+        description="Live (but look_back_period_s). Autoscaling instead of a fixed count.",
     )
     max_ongoing_requests: int | None = Field(
         default=None,

@@ -27,7 +27,13 @@ WHOLE = {
     "ingress": {"num_cpus": 0.1, "max_body_bytes": 4096},
     "auth": {"enabled": True, "keys": [{"name": "a", "sha256": "0" * 64, "requests_per_minute": 5}]},
     "models": [
-        {"id": "m1", "path": "/x", "engine": {"max_num_seqs": 8}, "limits": {"max_tokens_cap": 300}},
+        {
+            "id": "m1",
+            "path": "/x",
+            "engine": {"max_num_seqs": 8},
+            "limits": {"max_tokens_cap": 300},
+            "replicas": {"num_replicas": 2, "max_surge_percent": 0},
+        },
         {"id": "org/m2", "path": "/y", "admission": {"queue_timeout_s": 3}},
     ],
 }
@@ -45,18 +51,25 @@ def test_split_puts_live_settings_apart_from_engines_and_composes_back():
     settings = by_name["llm-settings"]["args"]
     assert settings["ingress"] == {"max_body_bytes": 4096}
     assert settings["models"] == [
-        {"id": "m1", "limits": {"max_tokens_cap": 300}},
+        {"id": "m1", "limits": {"max_tokens_cap": 300}, "replicas": {"num_replicas": 2}},
         {"id": "org/m2", "admission": {"queue_timeout_s": 3}},
     ]
-    assert by_name["model-m1"]["args"] == {"id": "m1", "path": "/x", "engine": {"max_num_seqs": 8}}
+    assert by_name["model-m1"]["args"] == {
+        "id": "m1",
+        "path": "/x",
+        "engine": {"max_num_seqs": 8},
+        "replicas": {"max_surge_percent": 0},  # the replica count is live; a surge setting rolls
+    }
     assert by_name["model-org_m2"]["args"] == {"id": "org/m2", "path": "/y"}
     assert compose_args(deployed(applications)) == WHOLE
 
 
-def test_a_limits_edit_changes_only_the_settings_application():
+def test_a_limits_or_replica_count_edit_changes_only_the_settings_application():
     edited = copy.deepcopy(WHOLE)
     edited["models"][0]["limits"]["max_tokens_cap"] = 290
     edited["auth"]["keys"].append({"name": "b", "sha256": "1" * 64})
+    edited["models"][0]["replicas"]["num_replicas"] = 1
+    edited["models"][1]["replicas"] = {"autoscaling": {"min_replicas": 1, "max_replicas": 3}}
     before, after = deployed(split_args(WHOLE)), deployed(split_args(edited))
     changed = sorted(name for name in before if before[name] != after[name])
     assert changed == ["llm-settings"], "any other application's args changing would restart it"
@@ -75,16 +88,23 @@ def test_an_engine_edit_changes_only_that_models_application():
         ("model-m1", "limits", r"model-m1: \['limits'\] do not belong here"),
         ("llm-settings", "engine", r"llm-settings: models.0: \['engine'\] do not belong here"),
         ("llm", "auth", r"llm: \['auth'\] do not belong here"),
+        ("model-m1", "replicas.num_replicas", r"model-m1: replicas: \['num_replicas'\] do not belong here"),
+        (
+            "llm-settings",
+            "replicas.max_surge_percent",
+            r"llm-settings: models.0.replicas: \['max_surge_percent'\] do not belong here",
+        ),
     ],
 )
 def test_a_field_in_the_wrong_application_is_named(where, field, message):
     applications = deployed(split_args(WHOLE))
     import_path, args = applications[where]
     args = copy.deepcopy(args)
-    if where == "llm-settings":
-        args["models"][0][field] = {}
-    else:
-        args[field] = {}
+    section = args["models"][0] if where == "llm-settings" else args
+    if "." in field:  # a field of a model's `replicas`
+        parent, field = field.split(".")
+        section = section.setdefault(parent, {})
+    section[field] = 1
     applications[where] = (import_path, args)
     with pytest.raises(PartError, match=message):
         compose_args(applications)

@@ -94,6 +94,7 @@ def gpu_cluster() -> Iterator[Cluster]:
 
 def probe_app(config: AppConfig, model_id: str, num_replicas: int = 1) -> serve.Application:
     options = model_deployment_options(next(m for m in config.models if m.id == model_id))
+    options.pop("autoscaling_config")  # a fixed count: the probe has no live sizing
     options["num_replicas"] = num_replicas
     # The probe is its own app's ingress, where HAProxy forbids a custom request router; the
     # router picks among replicas and has nothing to do with where they are placed.

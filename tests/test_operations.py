@@ -13,7 +13,10 @@
   request failed;
 - `serve deploy` of an edited file that changes an engine setting: the new replicas start before
   the old ones stop, no request fails, and the other model's replica and the ingress are not
-  touched.
+  touched;
+- `serve deploy` of an edited file that changes the replica count or the autoscaling bounds:
+  applied within seconds without restarting a replica, a scale-down from 2 to 1 under streaming
+  load cuts no stream, and a raised minimum starts a replica.
 
 The app is deployed as operators do, with `serve deploy` of a config file (Serve's REST API on
 the dashboard), on a 2-CPU Ray instance: the model under test with two replicas, and a second
@@ -57,12 +60,16 @@ SERVE = str(Path(sys.executable).parent / "serve")
 
 
 def serve_config(
-    max_num_seqs: int = 64, max_tokens_cap: int = 512, bob: bool = False, other_timeout_s: float = 600
+    max_num_seqs: int = 64,
+    max_tokens_cap: int = 512,
+    bob: bool = False,
+    other_timeout_s: float = 600,
+    replicas: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     args = app_args("app.yaml", local_paths=True)
     (model,) = [m for m in args["models"] if m["id"] == MODEL]
     model["engine"]["max_num_seqs"] = max_num_seqs
-    model["replicas"] = {"num_replicas": 2}
+    model["replicas"] = replicas or {"num_replicas": 2}
     model["admission"] = {"queue_timeout_s": QUEUE_TIMEOUT_S}
     model["limits"]["max_tokens_cap"] = max_tokens_cap
     other = {
@@ -320,3 +327,40 @@ def test_an_engine_setting_change_rolls_that_models_replicas_only_without_losing
     assert fewest_running == 2, f"capacity dropped to {fewest_running} running replicas during the update"
     assert untouched <= engine_and_gateway_pids(), "the other model's replica or the gateway restarted"
     assert serve.status().applications[deployment_name(MODEL)].status == ApplicationStatus.RUNNING
+
+
+def replica_states() -> dict[str, int]:
+    status = serve.status().applications[deployment_name(MODEL)].deployments[deployment_name(MODEL)]
+    return {str(state): count for state, count in status.replica_states.items()}
+
+
+def test_replica_count_and_autoscaling_bounds_apply_live_and_a_scale_down_cuts_no_stream(gateway):
+    before = {p.pid for p in replica_processes()}
+    others = engine_and_gateway_pids() - before  # the other model's replica, the gateway
+    assert len(before) == 2
+    running = drill(streams=4)
+    wait_for_completions(running, 4)
+
+    # Fixed 2 -> autoscaling 1..2: 4 streams are far below one replica's target (48), so 1.
+    autoscaled = {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "downscale_delay_s": 0}}
+    serve_deploy(serve_config(replicas=autoscaled), gateway)
+    took = wait_for(lambda: running_replicas() == 1, "the scale-down to 1 replica")
+    assert took < 15, f"the new bounds took {took:.1f}s"
+    scaled_at = running.elapsed_s()
+    wait_for(lambda: len(replica_processes()) == 1, "the stopped replica's exit", limit_s=120)
+    wait_for_completions(running, 4)
+    report = running.stop()
+    assert_all_complete(report)
+    spanning = sum(o.started_s < scaled_at < o.ended_s for o in report.outcomes)
+    assert spanning >= 2, "no stream spanned the scale-down"
+    survivors = {p.pid for p in replica_processes()}
+    assert survivors < before, "the remaining replica was restarted"
+    assert others <= engine_and_gateway_pids(), "the other model's replica or the gateway restarted"
+
+    # A minimum raised to 2: the second replica starts at once (an engine start then takes its time).
+    serve_deploy(serve_config(replicas={"autoscaling": {"min_replicas": 2, "max_replicas": 2}}), gateway)
+    took = wait_for(lambda: sum(replica_states().values()) == 2, "a second replica started")
+    assert took < 15, f"the raised minimum took {took:.1f}s"
+    wait_until_serving(2)
+    assert survivors <= {p.pid for p in replica_processes()}, "the running replica was restarted"
+    assert others <= engine_and_gateway_pids()

@@ -5,11 +5,14 @@ first, drain past the longest request, room for the extra replica)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from apps.builder import deployment_name, model_deployment_options, models_without_surge_room
 from apps.config import AppConfig, ConfigError, ModelConfig, ParallelismSettings, load_config
 from apps.placement import omp_threads_bind, placement_for, unplaceable_reason
+from apps.replica_policy import REPLICA_CEILING
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
@@ -77,6 +80,11 @@ def test_strict_pack_group_larger_than_any_node_is_explained():
     assert unplaceable_reason(tp4, nodes) is None
 
 
+def sizing_of(options: dict[str, Any]) -> dict[str, float]:
+    """The replica sizing a model deployment's autoscaling policy starts from."""
+    return options["autoscaling_config"]["policy"]["policy_kwargs"]["sizing"]
+
+
 def test_deployment_options_derive_from_batch_capacity():
     model = ModelConfig.model_validate(
         {"id": "org/model:v1", "path": "/x", "engine": {"max_num_seqs": 64}},
@@ -86,7 +94,14 @@ def test_deployment_options_derive_from_batch_capacity():
     assert options["name"] == deployment_name("org/model:v1") == "model-org_model_v1"
     assert options["max_ongoing_requests"] == 80
     assert options["max_queued_requests"] == 160, "a bounded queue: Serve answers 503 beyond it"
-    assert options["num_replicas"] == 1
+    assert options["autoscaling_config"]["initial_replicas"] == 1
+    assert sizing_of(options) == {
+        "min_replicas": 1,
+        "max_replicas": 1,
+        "target_ongoing_requests": 48.0,
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,
+    }, "a fixed count: the live sizing policy keeps min = max"
     assert options["placement_group_bundles"] == [{"CPU": 1.0}]
     assert options["placement_group_strategy"] == "STRICT_PACK"
 
@@ -103,14 +118,15 @@ def test_deployment_options_autoscaling_and_kv_cache_env():
     )
     options = model_deployment_options(model)
     assert "num_replicas" not in options
-    assert options["autoscaling_config"] == {
+    assert sizing_of(options) == {
         "min_replicas": 0,
         "max_replicas": 3,
         "target_ongoing_requests": 24.0,
         "upscale_delay_s": 30.0,
         "downscale_delay_s": 600.0,
-        "look_back_period_s": 30.0,
     }
+    scaling = options["autoscaling_config"]
+    assert (scaling["initial_replicas"], scaling["look_back_period_s"]) == (0, 30.0)
     assert options["max_ongoing_requests"] == 40
     assert options["ray_actor_options"]["runtime_env"]["env_vars"] == {"VLLM_CPU_KVCACHE_SPACE": "2"}
 
@@ -146,9 +162,14 @@ def test_autoscaling_defaults_come_from_the_engine_batch_and_serve_accepts_them(
     options = model_deployment_options(model)
     assert options["max_ongoing_requests"] == 80, "1.25 x max_num_seqs keeps the next batch ready"
     scaling = AutoscalingConfig(**options["autoscaling_config"])  # Serve's own validation
-    assert (scaling.min_replicas, scaling.max_replicas) == (0, 4)
-    assert scaling.target_ongoing_requests == 48, "0.75 x max_num_seqs: scale before the batch is full"
-    assert (scaling.upscale_delay_s, scaling.downscale_delay_s, scaling.look_back_period_s) == (30, 600, 30)
+    # Serve's bounds are never reached and its delays are 0: the policy applies the live sizing.
+    assert (scaling.min_replicas, scaling.max_replicas) == (0, REPLICA_CEILING)
+    assert (scaling.upscale_delay_s, scaling.downscale_delay_s, scaling.look_back_period_s) == (0, 0, 30)
+    assert scaling.policy.policy_function == "apps.replica_policy:LiveSizingPolicy"
+    sizing = sizing_of(options)
+    assert (sizing["min_replicas"], sizing["max_replicas"]) == (0, 4)
+    assert sizing["target_ongoing_requests"] == 48, "0.75 x max_num_seqs: scale before the batch is full"
+    assert (sizing["upscale_delay_s"], sizing["downscale_delay_s"]) == (30, 600)
 
 
 def test_every_autoscaling_knob_can_be_overridden(make_checkpoint):
@@ -162,7 +183,9 @@ def test_every_autoscaling_knob_can_be_overridden(make_checkpoint):
     }
     model = ModelConfig(id="m", path=make_checkpoint(), replicas={"autoscaling": knobs, "max_ongoing_requests": 4})
     options = model_deployment_options(model)
-    assert options["autoscaling_config"] == knobs
+    look_back_s = knobs.pop("look_back_period_s")
+    assert sizing_of(options) == knobs
+    assert options["autoscaling_config"]["look_back_period_s"] == look_back_s
     assert options["max_ongoing_requests"] == 4
 
 

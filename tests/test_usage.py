@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import contextvars
-
 import asyncio
+import contextvars
 from types import SimpleNamespace
 
 import pytest
