@@ -261,6 +261,42 @@ def deployed_args() -> dict[str, tuple[str, Mapping[str, Any]]]:
     return _as_deployed(configs)
 
 
+async def app_statuses_async() -> dict[str, str]:
+    """Each application's status as `serve status` shows it (RUNNING, DEPLOYING, DEPLOY_FAILED,
+    ...)."""
+    from ray.serve._private.application_state import StatusOverview
+    from ray.serve.generated.serve_pb2 import StatusOverview as StatusOverviewProto
+
+    try:
+        controller = _controller() if _controller_handle is not None else await asyncio.to_thread(_controller)
+        raw = await asyncio.wait_for(controller.list_serve_statuses.remote(), CONTROLLER_TIMEOUT_S)
+    except Exception:
+        _forget_controller()
+        raise
+    overviews = [StatusOverview.from_proto(StatusOverviewProto.FromString(item)) for item in raw]
+    return {overview.name: str(overview.app_status.status.value) for overview in overviews}
+
+
+def serving_args(
+    deployed: DeployedArgs, statuses: Mapping[str, str], built: Mapping[str, tuple[str, Mapping[str, Any]]]
+) -> dict[str, tuple[str, Mapping[str, Any]]]:
+    """The applications as Serve serves them. `deployed` holds what was last submitted, even for
+    an application whose build failed; Serve keeps running what that one had before, which is
+    `built[name]` (its args when it last ran them), or nothing for a new application."""
+    serving = {}
+    for name, app in deployed.items():
+        if statuses.get(name) != "DEPLOY_FAILED":
+            serving[name] = app
+        elif name in built:
+            serving[name] = built[name]
+    return serving
+
+
+def applications_of(args: Mapping[str, Any]) -> dict[str, tuple[str, Mapping[str, Any]]]:
+    """`split_args` as the controller holds applications: {name: (import path, args)}."""
+    return {app["name"]: (app["import_path"], app["args"]) for app in split_args(args)}
+
+
 async def deployed_args_async() -> dict[str, tuple[str, Mapping[str, Any]]]:
     """`deployed_args`, without blocking the event loop."""
     try:

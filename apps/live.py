@@ -9,9 +9,9 @@ replica watch, its volatile-prefix watch and its handle. Rate-limit state lives 
 which gets each key's limits with every reservation.
 
 A replica that starts (a new one, or one Serve restarted) serves with the deployed settings if
-they are valid, else with the last settings any replica applied (kept in Ray's internal KV store),
-and only failing both with those its application was built with: a key revoked live stays
-revoked after a restart, even while a later edit is being refused.
+they are valid, else with the last settings every application ran (an ingress replica keeps them
+in Ray's internal KV store), and only failing both with those its application was built with: a
+key revoked live stays revoked after a restart, even while a later edit is being refused.
 """
 
 from __future__ import annotations
@@ -30,9 +30,12 @@ from apps.admission import ModelGate, ModelRoute, gate_for
 from apps.applications import (
     SETTINGS_POLL_S,
     PartError,
+    app_statuses_async,
+    applications_of,
     compose_args,
     deployed_args_async,
     deployment_name,
+    serving_args,
 )
 from apps.auth import KeyTable
 from apps.config import AppConfig, ConfigError, load_config
@@ -42,6 +45,8 @@ logger = logging.getLogger("ray.serve")
 # Where the last applied settings are kept for replicas that start later.
 APPLIED_KEY = b"applied-settings"
 APPLIED_NAMESPACE = "llm-gateway"
+# Statuses of an application that runs the args it was last submitted with.
+BUILT = frozenset({"RUNNING", "UNHEALTHY"})
 
 
 @dataclass(frozen=True)
@@ -103,15 +108,21 @@ def live_settings(
 
 
 class SettingsWatch:
-    """Reads the deployed applications' `args` every `SETTINGS_POLL_S` and calls `apply` with
-    each new valid config. An invalid one is logged (once) and changes nothing: its
-    application's build fails too, and `serve status` says why."""
+    """Reads the deployed applications' `args` and statuses every `SETTINGS_POLL_S` and calls
+    `apply` with each new valid config. An invalid one is logged (once) and changes nothing: its
+    application's build fails too, and `serve status` says why. An application whose build
+    failed on what only its builder checks (a model's checkpoint, say) counts with the args Serve
+    still runs it with (`serving_args`): a submitted edit applies at once, and is taken back when
+    its build fails, seconds later. A config is kept for replicas that start later once every
+    application runs it."""
 
     def __init__(self, current: AppConfig, apply: Callable[[AppConfig], None]) -> None:
         self._current = current
         self._apply = apply
-        self._last_deployed: Mapping[str, Any] | None = None
+        self._last_seen: tuple[Mapping[str, Any], Mapping[str, str]] | None = None
         self._last_error: str | None = None
+        self._built: dict[str, tuple[str, Mapping[str, Any]]] | None = None  # as last seen BUILT
+        self._published: dict[str, Any] | None = None
 
     async def run(self) -> None:
         while True:
@@ -122,12 +133,16 @@ class SettingsWatch:
                 logger.warning("Could not read the deployed settings: %r", exc)
 
     async def poll(self) -> bool:
-        """One read; True when a new config was applied (and published for later replicas)."""
+        """One read; True when a new config was applied."""
         deployed = await deployed_args_async()
-        if deployed == self._last_deployed:  # nothing deployed since: nothing to validate or log
+        statuses = {name: status for name, status in (await app_statuses_async()).items() if name in deployed}
+        if (deployed, statuses) == self._last_seen:  # nothing deployed since: nothing to validate or log
             return False
-        self._last_deployed = deployed
-        args = compose_or_error(deployed)
+        self._last_seen = (deployed, statuses)
+        if self._built is None:
+            self._built = await settled_applications()
+        self._built.update({name: app for name, app in deployed.items() if statuses.get(name) in BUILT})
+        args = compose_or_error(serving_args(deployed, statuses, self._built))
         try:
             if isinstance(args, str):
                 raise ConfigError(args)
@@ -138,16 +153,18 @@ class SettingsWatch:
                 logger.error("Deployed settings refused; still serving the previous ones. %s", exc)
             return False
         self._last_error = None
+        if all(status in BUILT for status in statuses.values()) and args != self._published:
+            try:
+                await asyncio.to_thread(publish_applied, args)
+                self._published = args
+            except Exception as exc:  # only later replicas' starting point is at stake
+                logger.warning("Could not keep the applied settings for later replicas: %r", exc)
         if config == self._current:
             return False
         changed = changed_fields(self._current, config)
         self._current = config
         self._apply(config)
         logger.info("Live settings applied; changed: %s.", ", ".join(changed))
-        try:
-            await asyncio.to_thread(publish_applied, args)
-        except Exception as exc:  # only later replicas' starting point is at stake
-            logger.warning("Could not keep the applied settings for later replicas: %r", exc)
         return True
 
 
@@ -178,8 +195,9 @@ def changed_fields(old: AppConfig, new: AppConfig) -> list[str]:
 
 
 async def starting_settings(built: AppConfig) -> AppConfig:
-    """What a starting ingress replica serves with: the deployed settings if they are valid,
-    else the last ones any replica applied, else `built` (its application's build-time config)."""
+    """What a starting ingress replica serves with: the deployed settings if they are valid
+    (`serving_args`), else the last ones every application ran (as an ingress replica kept them),
+    else `built` (its application's build-time config)."""
     sources = (("deployed", _deployed_args), ("last applied", _applied_args))
     for source, read in sources:
         try:
@@ -194,7 +212,20 @@ async def starting_settings(built: AppConfig) -> AppConfig:
 
 
 async def _deployed_args() -> dict[str, Any] | str:
-    return compose_or_error(await deployed_args_async())
+    deployed = await deployed_args_async()
+    statuses = await app_statuses_async()
+    return compose_or_error(serving_args(deployed, statuses, await settled_applications()))
+
+
+async def settled_applications() -> dict[str, tuple[str, Mapping[str, Any]]]:
+    """The applications of the last config every application ran, as an ingress replica kept it
+    (empty when none was kept or it cannot be read)."""
+    try:
+        args = await _applied_args()
+        return applications_of(args) if args else {}
+    except Exception as exc:
+        logger.warning("Could not read the last applied settings: %r", exc)
+        return {}
 
 
 async def _applied_args() -> dict[str, Any] | None:
@@ -205,7 +236,8 @@ async def _applied_args() -> dict[str, Any] | None:
 
 
 def publish_applied(args: dict[str, Any]) -> None:
-    """Keep `args` (valid, just applied) as the starting point of replicas that start later."""
+    """Keep `args` (valid, run by every application) as the starting point of replicas that
+    start later."""
     from ray.experimental.internal_kv import _internal_kv_put
 
     _internal_kv_put(APPLIED_KEY, json.dumps(args).encode(), overwrite=True, namespace=APPLIED_NAMESPACE)

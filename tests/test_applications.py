@@ -151,16 +151,35 @@ def test_committed_configs_are_split_as_split_args_does(config_file):
     assert kinds == {GATEWAY_IMPORT_PATH, SETTINGS_IMPORT_PATH, MODEL_IMPORT_PATH}
 
 
+class FakeController:
+    """What the ingress reads from Serve's controller, and what it keeps in Ray's KV store."""
+
+    def __init__(self, monkeypatch, applications: dict) -> None:
+        self.applications = applications
+        self.statuses: dict[str, str] = {}
+        self.published: list[dict] = []
+
+        async def read() -> dict:
+            return copy.deepcopy(self.applications)
+
+        async def statuses() -> dict:
+            return {name: self.statuses.get(name, "RUNNING") for name in self.applications}
+
+        async def applied() -> dict | None:
+            return self.published[-1] if self.published else None
+
+        monkeypatch.setattr("apps.live.deployed_args_async", read)
+        monkeypatch.setattr("apps.live.app_statuses_async", statuses)
+        monkeypatch.setattr("apps.live._applied_args", applied)
+        monkeypatch.setattr("apps.live.publish_applied", self.published.append)
+
+
 def test_settings_watch_applies_a_valid_edit_once_and_refuses_an_invalid_one(monkeypatch):
     applications = deployed(split_args(WHOLE))
     current = load_config(compose_args(applications), check_model_files=False)
     applied = []
     watch = SettingsWatch(current, applied.append)
-
-    async def read() -> dict:
-        return copy.deepcopy(applications)
-
-    monkeypatch.setattr("apps.live.deployed_args_async", read)
+    FakeController(monkeypatch, applications)
     assert not asyncio.run(watch.poll()), "unchanged settings are not applied again"
 
     settings = copy.deepcopy(applications["llm-settings"][1])
@@ -174,6 +193,39 @@ def test_settings_watch_applies_a_valid_edit_once_and_refuses_an_invalid_one(mon
     applications["llm-settings"] = (SETTINGS_IMPORT_PATH, invalid)
     assert not asyncio.run(watch.poll()), "an invalid edit changes nothing"
     assert len(applied) == 1
+
+
+def test_an_edit_whose_build_fails_is_taken_back_and_a_new_model_that_fails_is_not_served(monkeypatch):
+    """Only a model's builder reads its checkpoint: a bad `path` passes the ingress's checks."""
+    applications = deployed(split_args(WHOLE))
+    current = load_config(compose_args(applications), check_model_files=False)
+    applied = []
+    watch = SettingsWatch(current, applied.append)
+    serve = FakeController(monkeypatch, applications)
+    assert not asyncio.run(watch.poll())
+    assert [args["models"][0]["limits"]["max_tokens_cap"] for args in serve.published] == [300]
+
+    edited = copy.deepcopy(WHOLE)
+    edited["models"][0]["limits"]["max_tokens_cap"] = 280  # fine
+    edited["models"][1]["engine"] = {"max_num_seqs": 4}  # an engine change whose build fails
+    edited["models"].append({"id": "m3", "path": "/missing", "limits": {"max_tokens_cap": 400}})
+    serve.applications = deployed(split_args(edited))
+    serve.statuses = {"llm-settings": "DEPLOYING", "model-org_m2": "DEPLOYING", "model-m3": "DEPLOYING"}
+    assert asyncio.run(watch.poll()), "submitted: applied at once, as the builds run"
+    assert [m.id for m in applied[-1].models] == ["m1", "org/m2", "m3"]
+    assert len(serve.published) == 1, "not kept for later replicas while builds run"
+
+    serve.statuses = {"llm-settings": "RUNNING", "model-org_m2": "DEPLOY_FAILED", "model-m3": "DEPLOY_FAILED"}
+    assert asyncio.run(watch.poll()), "the failed builds are taken back"
+    m1, m2 = applied[-1].models
+    assert (m1.id, m1.limits.max_tokens_cap) == ("m1", 280), "what built is kept"
+    assert (m2.id, m2.engine.max_num_seqs) == ("org/m2", 64), "org/m2 still runs its previous engine"
+    kept = load_config(serve.published[-1], check_model_files=False)
+    assert [m.id for m in kept.models] == ["m1", "org/m2"], "kept for later replicas once all run it"
+
+    starting = asyncio.run(starting_settings(current))
+    assert [m.id for m in starting.models] == ["m1", "org/m2"], "a replica that starts now agrees"
+    assert starting.models[0].limits.max_tokens_cap == 280 and starting.models[1].engine.max_num_seqs == 64
 
 
 def gate(max_in_flight: int, max_queued: int = 10) -> ModelGate:
