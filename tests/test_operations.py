@@ -11,12 +11,16 @@
 - `serve deploy` of an edited file that changes only live settings (a limit, a key added then
   removed, an admission deadline): in force within seconds, no replica process restarted, no
   request failed;
+- `serve deploy` of an edited file that adds a model whose build fails (a wrong path) with a
+  live change: the model is taken back within seconds, the live change stays;
 - `serve deploy` of an edited file that changes an engine setting: the new replicas start before
   the old ones stop, no request fails, and the other model's replica and the ingress are not
   touched;
 - `serve deploy` of an edited file that changes the replica count or the autoscaling bounds:
   applied within seconds without restarting a replica, a scale-down from 2 to 1 under streaming
-  load cuts no stream, and a raised minimum starts a replica.
+  load cuts no stream, and a raised minimum starts a replica;
+- stopping the gateway with `scripts/stop.py`: the streams in flight finish (`serve shutdown`
+  alone cuts them).
 
 The app is deployed as operators do, with `serve deploy` of a config file (Serve's REST API on
 the dashboard), on a 2-CPU Ray instance: the model under test with two replicas, and a second
@@ -41,7 +45,7 @@ import yaml
 from ray import serve
 from ray.serve.schema import ApplicationStatus, ReplicaState
 
-from apps.applications import deployment_name
+from apps.applications import MODEL_IMPORT_PATH, deployment_name
 from apps.auth import key_hash
 from scripts.drill import COMPLETE, DrillReport, DrillSettings, DrillThread
 from tests.conftest import app_args
@@ -56,6 +60,8 @@ DRILL_KEY, BOB_KEY = "sk-ops-drill", "sk-ops-bob"
 QUEUE_TIMEOUT_S = 6.0
 STREAM_TOKENS = 200
 RECOVERY_TIMEOUT_S = 300
+# The engine setting the rolling-update test changes, which the tests after it keep (or they roll).
+ROLLED_MAX_NUM_SEQS = 48
 SERVE = str(Path(sys.executable).parent / "serve")
 
 
@@ -307,13 +313,46 @@ def test_live_settings_apply_within_seconds_and_restart_nothing(gateway):
     assert engine_and_gateway_pids() == processes, "a live settings change restarted a replica"
 
 
+def served_models() -> list[str]:
+    response = httpx.get(f"{URL}/v1/models", headers={"Authorization": f"Bearer {DRILL_KEY}"}, timeout=10)
+    return [model["id"] for model in response.json()["data"]]
+
+
+def test_a_new_model_whose_build_fails_is_taken_back_and_the_rest_keeps_serving(gateway):
+    """Only a model's builder reads its checkpoint, so the ingress applies the edit as submitted
+    and takes the failed model back once Serve reports the failed build."""
+    config = serve_config(max_tokens_cap=300)
+    broken = {"id": "tiny-chat-c", "path": "/nonexistent", "engine": {"max_model_len": 2048}}
+    app = {
+        "name": "model-tiny-chat-c",
+        "route_prefix": None,  # Serve's default is "/", the ingress's
+        "import_path": MODEL_IMPORT_PATH,
+        "args": broken,
+    }
+    config["applications"].append(app)
+    serve_deploy(config, gateway)
+
+    def status() -> Any:
+        return serve.status().applications[app["name"]]
+
+    wait_for(lambda: status().status == ApplicationStatus.DEPLOY_FAILED, "the failed build")
+    message = status().message
+    assert "path" in message and "/nonexistent" in message, message
+    wait_for(lambda: served_models() == [MODEL, OTHER], "the failed model taken back", limit_s=10)
+    assert chat(max_tokens=400).status_code == 400, "the rest of the edit (a lower cap) stays in force"
+    assert chat().status_code == 200
+    serve_deploy(serve_config(), gateway)
+    wait_for(lambda: app["name"] not in serve.status().applications, "the failed application deleted")
+    wait_for(lambda: chat(max_tokens=400).status_code == 200, "the cap restored")
+
+
 def test_an_engine_setting_change_rolls_that_models_replicas_only_without_losing_a_request(gateway):
     before = {p.pid for p in replica_processes()}
     rolled_app = {p.pid for p in replica_processes(f"ServeReplica:{deployment_name(MODEL)}:")}
     untouched = engine_and_gateway_pids() - rolled_app  # the other model's replica, the gateway
     running = drill(streams=4)
     wait_for_completions(running, 4)
-    serve_deploy(serve_config(max_num_seqs=48), gateway)
+    serve_deploy(serve_config(max_num_seqs=ROLLED_MAX_NUM_SEQS), gateway)
     deadline = time.monotonic() + RECOVERY_TIMEOUT_S
     samples = []
     while not (before.isdisjoint({p.pid for p in replica_processes()}) and running_replicas() == 2):
@@ -343,7 +382,7 @@ def test_replica_count_and_autoscaling_bounds_apply_live_and_a_scale_down_cuts_n
 
     # Fixed 2 -> autoscaling 1..2: 4 streams are far below one replica's target (48), so 1.
     autoscaled = {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "downscale_delay_s": 0}}
-    serve_deploy(serve_config(replicas=autoscaled), gateway)
+    serve_deploy(serve_config(max_num_seqs=ROLLED_MAX_NUM_SEQS, replicas=autoscaled), gateway)
     took = wait_for(lambda: running_replicas() == 1, "the scale-down to 1 replica")
     assert took < 15, f"the new bounds took {took:.1f}s"
     scaled_at = running.elapsed_s()
@@ -358,9 +397,29 @@ def test_replica_count_and_autoscaling_bounds_apply_live_and_a_scale_down_cuts_n
     assert others <= engine_and_gateway_pids(), "the other model's replica or the gateway restarted"
 
     # A minimum raised to 2: the second replica starts at once (an engine start then takes its time).
-    serve_deploy(serve_config(replicas={"autoscaling": {"min_replicas": 2, "max_replicas": 2}}), gateway)
+    raised = {"autoscaling": {"min_replicas": 2, "max_replicas": 2}}
+    serve_deploy(serve_config(max_num_seqs=ROLLED_MAX_NUM_SEQS, replicas=raised), gateway)
     took = wait_for(lambda: sum(replica_states().values()) == 2, "a second replica started")
     assert took < 15, f"the raised minimum took {took:.1f}s"
     wait_until_serving(2)
     assert survivors <= {p.pid for p in replica_processes()}, "the running replica was restarted"
     assert others <= engine_and_gateway_pids()
+
+
+def test_stopping_the_gateway_with_scripts_stop_lets_the_streams_in_flight_finish(gateway):
+    """`serve shutdown` stops Serve's proxy at once and cuts every stream (measured: 4 of 4 cut
+    about 2 s after it began); scripts/stop.py drains the ingress first. Last: it stops Serve."""
+    running = drill(streams=4)
+    wait_for_completions(running, 4)
+    stop_at = running.elapsed_s()
+    root = Path(__file__).parents[1]
+    stop = [sys.executable, "scripts/stop.py"]
+    done = subprocess.run(stop, capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = running.stop(timeout_s=60)
+    in_flight = [o for o in report.outcomes if o.started_s < stop_at < o.ended_s]
+    assert len(in_flight) >= 2, report.summary()
+    assert all(o.kind == COMPLETE for o in in_flight), report.summary()
+    assert "ingress drained" in done.stdout and "Serve shut down" in done.stdout, done.stdout
+    with pytest.raises(ValueError):  # no controller: Serve is shut down
+        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
