@@ -8,4 +8,5 @@ scripts/setup.sh
 set -a
 . configs/ray-serve.env
 set +a
+export RAY_SERVE_HAPROXY_BINARY_PATH="$PWD/.venv/bin/llm-gateway-haproxy"  # the connection cap
 exec .venv/bin/serve run "${1:-configs/app.yaml}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ def ray_serve_env() -> dict[str, str]:
 # every Ray process the tests start inherits it.
 for _name, _value in ray_serve_env().items():
     os.environ.setdefault(_name, _value)
+os.environ.setdefault("RAY_SERVE_HAPROXY_BINARY_PATH", str(Path(sys.executable).parent / "llm-gateway-haproxy"))
 # An ingress replica serving HTTP itself keeps serving 30 s after its shutdown starts, so a load
 # balancer can notice; a test app's shutdown has nobody to wait for.
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")

@@ -244,6 +244,8 @@ def test_every_node_starts_ray_with_configs_ray_serve_env(ray_up_config):
         (command,) = [c for c in ray_up_config[key] if "ray start" in c]
         sourced = command.split("ray start")[0]
         assert "set -a; . ~/llm-gateway/configs/ray-serve.env; set +a;" in sourced, f"{key}: {command}"
+        haproxy = "export RAY_SERVE_HAPROXY_BINARY_PATH=$HOME/llm-gateway/.venv/bin/llm-gateway-haproxy;"
+        assert haproxy in sourced, f"{key}: the connection cap's HAProxy wrapper is not set: {command}"
     assert ray_up_config["file_mounts"].get("~/llm-gateway/configs") == "./configs", "mount configs/"
 
 
@@ -251,6 +253,8 @@ def test_the_image_sets_configs_ray_serve_env():
     dockerfile = (CLUSTER / "Dockerfile").read_text().replace("\\\n", " ")
     (env_line,) = [line for line in dockerfile.splitlines() if line.startswith("ENV ")]
     image_env = dict(pair.split("=", 1) for pair in shlex.split(env_line[len("ENV ") :]))
+    wrapper = image_env.pop("RAY_SERVE_HAPROXY_BINARY_PATH")
+    assert wrapper.endswith("/bin/llm-gateway-haproxy"), wrapper
     assert image_env == ray_serve_env()
 
 

@@ -1,0 +1,84 @@
+"""The HAProxy wrapper that adds the per-client connection cap (`apps.connection_guard`): where
+the rules go, that Ray's bundled HAProxy accepts them, and what it leaves alone. The cap itself
+is tested on the real stack in tests/test_hostile_clients.py."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from apps.connection_guard import FrontendNotFound, cap_from_env, guarded_args, guarded_config, haproxy_binary
+
+# The shape of what Ray 2.60 writes (ray/serve/_private/haproxy_templates.py), cut down.
+CONFIG = """global
+    maxconn 1000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 15s
+    timeout server 60s
+frontend prometheus
+    bind :18998
+    mode http
+    no log
+frontend http_frontend
+    bind 127.0.0.1:18999
+    log global
+    acl routes path -i /-/routes
+    http-request return status 200 content-type text/plain string "ok" if routes
+    default_backend app
+backend app
+    server a 127.0.0.1:1
+"""
+
+
+def test_the_cap_goes_right_after_the_http_frontends_bind_line():
+    lines = guarded_config(CONFIG, 7).splitlines()
+    bind = lines.index("    bind 127.0.0.1:18999")
+    assert lines[bind - 1] == "frontend http_frontend"
+    assert lines[bind + 2 : bind + 5] == [
+        "    stick-table type ipv6 size 1m expire 60s store conn_cur",
+        "    tcp-request connection track-sc0 src",
+        "    tcp-request connection reject if { sc0_conn_cur gt 7 }",
+    ]
+    assert lines.count("    bind :18998") == 1 and "sc0" not in "\n".join(lines[: bind - 1]), "prometheus untouched"
+
+
+def test_rays_bundled_haproxy_accepts_the_guarded_config(tmp_path):
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(guarded_config(CONFIG, 256))
+    checked = subprocess.run([haproxy_binary(), "-c", "-f", str(path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_config_without_the_frontend_is_left_alone(tmp_path, capsys):
+    with pytest.raises(FrontendNotFound):
+        guarded_config(CONFIG.replace("frontend http_frontend", "frontend other"), 7)
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(CONFIG.replace("frontend http_frontend", "frontend other"))
+    args = ["-db", "-f", str(path), "-sf", "123"]
+    assert guarded_args(args, 7) == args
+    assert "no per-client cap" in capsys.readouterr().err
+
+
+def test_haproxy_runs_the_guarded_copy_with_every_other_argument_kept(tmp_path):
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(CONFIG)
+    args = guarded_args(["-db", "-f", str(path), "-sf", "123", "-x", "/tmp/admin.sock"], 7)
+    assert args == ["-db", "-f", f"{path}.guarded", "-sf", "123", "-x", "/tmp/admin.sock"]
+    assert "sc0_conn_cur gt 7" in (tmp_path / "haproxy.cfg.guarded").read_text()
+    assert path.read_text() == CONFIG, "Ray's own file is not touched"
+    assert guarded_args(["-db", "-f", str(path)], 0) == ["-db", "-f", str(path)], "0: no cap"
+
+
+@pytest.mark.parametrize(("raw", "cap"), [(None, 256), ("0", 0), ("1000", 1000)])
+def test_the_cap_comes_from_the_environment(raw, cap):
+    environ = {} if raw is None else {"LLM_GATEWAY_MAX_CONNECTIONS_PER_CLIENT": raw}
+    assert cap_from_env(environ) == cap
+
+
+@pytest.mark.parametrize("raw", ["-1", "many", "2.5"])
+def test_a_wrong_cap_stops_haproxy_with_a_message(raw):
+    with pytest.raises(SystemExit, match="LLM_GATEWAY_MAX_CONNECTIONS_PER_CLIENT"):
+        cap_from_env({"LLM_GATEWAY_MAX_CONNECTIONS_PER_CLIENT": raw})
