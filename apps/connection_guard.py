@@ -1,12 +1,19 @@
-"""A per-client-address cap on open connections, enforced by HAProxy before anything else runs.
+"""Connection-level guards, enforced by HAProxy before anything else runs: a per-client-address
+cap on open connections, and bounded kernel buffers per connection.
 
-Ray Serve 2.60 writes HAProxy's configuration itself and has no setting for per-source limits,
-but it lets an operator choose the HAProxy binary (`RAY_SERVE_HAPROXY_BINARY_PATH`). This program
-is that binary (installed as `llm-gateway-haproxy`): it adds a stick table to the configuration's
-HTTP frontend, which counts each client address's open connections and closes a new one past
-the cap at once, then replaces itself with Ray's bundled HAProxy (`exec`: the same process, so
-Ray's reloads and signals reach HAProxy as before). Without the frontend it expects, it changes
-nothing and says so on stderr (HAProxy's log).
+Ray Serve 2.60 writes HAProxy's configuration itself and has no setting for either, but it lets
+an operator choose the HAProxy binary (`RAY_SERVE_HAPROXY_BINARY_PATH`). This program is that
+binary (installed as `llm-gateway-haproxy`): it adds a stick table to the configuration's HTTP
+frontend, which counts each client address's open connections and closes a new one past the cap
+at once, and bounds the buffers in `global`; then it replaces itself with Ray's bundled HAProxy
+(`exec`: the same process, so Ray's reloads and signals reach HAProxy as before). Without the
+sections it expects, it changes nothing and says so on stderr (HAProxy's log).
+
+The buffers: the kernel grows a socket's buffers to megabytes (`tcp_rmem`, `tcp_wmem`), so a
+client that stopped reading a stream would hold megabytes of answer before HAProxy noticed it
+could not send (its client timeout), while the engine kept generating for it. Bounded, about a
+megabyte lies between the engine and the reader, and HAProxy closes the connection; the ingress
+then aborts the engine request.
 
 HTTP/1.1 carries one request at a time per connection (HAProxy's frontend here speaks no HTTP/2),
 so the cap bounds a client's concurrent requests too. Behind a load balancer every client has its
@@ -19,24 +26,45 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 # Open connections per client address; 0 switches the cap off. Read where HAProxy starts (Ray's
 # processes inherit it: configs/ray-serve.env).
 CAP_ENV = "LLM_GATEWAY_MAX_CONNECTIONS_PER_CLIENT"
 DEFAULT_CAP = 256
+# Kernel buffer of each connection HAProxy sends to a client on and reads an ingress replica's
+# answer from; 0 leaves them to the kernel's autotuning, which grows them to megabytes.
+BUFFER_ENV = "LLM_GATEWAY_CONNECTION_BUFFER_BYTES"
+DEFAULT_BUFFER_BYTES = 262144
 # The HAProxy to run; Ray's bundled one when unset.
 HAPROXY_ENV = "LLM_GATEWAY_HAPROXY_BINARY"
 FRONTEND = "frontend http_frontend"
 
 
+@dataclass(frozen=True)
+class Guards:
+    """What the wrapper adds; 0 leaves a guard out."""
+
+    max_connections_per_client: int = DEFAULT_CAP
+    connection_buffer_bytes: int = DEFAULT_BUFFER_BYTES
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Guards:
+        return cls(
+            _whole_number(environ, CAP_ENV, DEFAULT_CAP), _whole_number(environ, BUFFER_ENV, DEFAULT_BUFFER_BYTES)
+        )
+
+
 class FrontendNotFound(ValueError):
-    """The configuration has no `frontend http_frontend` with a `bind` line."""
+    """The configuration has no `global` section, or no `frontend http_frontend` with a `bind` line."""
 
 
-def guarded_config(text: str, cap: int) -> str:
-    """`text` (Ray's HAProxy configuration) with the per-address cap in its HTTP frontend."""
+def guarded_config(text: str, guards: Guards) -> str:
+    """`text` (Ray's HAProxy configuration) with `guards`: the per-address cap in its HTTP
+    frontend, the buffer bound in its `global` section."""
     lines = text.splitlines(keepends=True)
     try:
+        top = next(i for i, line in enumerate(lines) if line.strip() == "global")
         start = next(i for i, line in enumerate(lines) if line.strip() == FRONTEND)
         bind = next(
             i
@@ -44,42 +72,53 @@ def guarded_config(text: str, cap: int) -> str:
             if lines[i].strip().startswith("bind ") or not lines[i].startswith((" ", "\t"))
         )
     except StopIteration:
-        raise FrontendNotFound(FRONTEND) from None
+        raise FrontendNotFound(f"'global' or {FRONTEND!r}") from None
     if not lines[bind].strip().startswith("bind "):
         raise FrontendNotFound(f"{FRONTEND} has no bind line")
-    rules = [
-        f"    # llm-gateway (apps/connection_guard.py): at most {cap} open connections per client address\n",
-        "    stick-table type ipv6 size 1m expire 60s store conn_cur\n",
-        "    tcp-request connection track-sc0 src\n",
-        f"    tcp-request connection reject if {{ sc0_conn_cur gt {cap} }}\n",
-    ]
-    return "".join(lines[: bind + 1] + rules + lines[bind + 1 :])
+    cap, buffer = guards.max_connections_per_client, guards.connection_buffer_bytes
+    tuning = []
+    if buffer:
+        tuning = [
+            f"    # llm-gateway (apps/connection_guard.py): {buffer} bytes of kernel buffer per client\n",
+            "    # connection and per answer read, so a reader that stopped is noticed (timeout client)\n",
+            f"    tune.sndbuf.client {buffer}\n",
+            f"    tune.rcvbuf.server {buffer}\n",
+        ]
+    rules = []
+    if cap:
+        rules = [
+            f"    # llm-gateway (apps/connection_guard.py): at most {cap} open connections per client address\n",
+            "    stick-table type ipv6 size 1m expire 60s store conn_cur\n",
+            "    tcp-request connection track-sc0 src\n",
+            f"    tcp-request connection reject if {{ sc0_conn_cur gt {cap} }}\n",
+        ]
+    return "".join(lines[: top + 1] + tuning + lines[top + 1 : bind + 1] + rules + lines[bind + 1 :])
 
 
-def cap_from_env(environ: Mapping[str, str]) -> int:
-    raw = environ.get(CAP_ENV, str(DEFAULT_CAP))
+def _whole_number(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, str(default))
     try:
-        cap = int(raw)
+        value = int(raw)
     except ValueError:
-        raise SystemExit(f"{CAP_ENV}={raw!r}: expected a whole number of connections (0: no cap)") from None
-    if cap < 0:
-        raise SystemExit(f"{CAP_ENV}={raw!r}: expected 0 (no cap) or more")
-    return cap
+        raise SystemExit(f"{name}={raw!r}: expected a whole number (0: off)") from None
+    if value < 0:
+        raise SystemExit(f"{name}={raw!r}: expected 0 (off) or more")
+    return value
 
 
-def guarded_args(args: list[str], cap: int) -> list[str]:
+def guarded_args(args: list[str], guards: Guards) -> list[str]:
     """HAProxy's arguments, with `-f CONFIG` replaced by the guarded copy of CONFIG (written
     next to it)."""
-    if cap == 0 or "-f" not in args:
+    if guards == Guards(0, 0) or "-f" not in args:
         return args
     index = args.index("-f") + 1
     path = args[index]
     with open(path) as file:
         text = file.read()
     try:
-        guarded = guarded_config(text, cap)
+        guarded = guarded_config(text, guards)
     except FrontendNotFound as exc:
-        print(f"llm-gateway-haproxy: no per-client cap: {exc} not found in {path}", file=sys.stderr)
+        print(f"llm-gateway-haproxy: no guards: {exc} not found in {path}", file=sys.stderr)
         return args
     guarded_path = f"{path}.guarded"
     with open(f"{guarded_path}.tmp", "w") as file:
@@ -108,7 +147,7 @@ def haproxy_binary() -> str:
 
 def main() -> None:
     binary = haproxy_binary()
-    args = guarded_args(sys.argv[1:], cap_from_env(os.environ))
+    args = guarded_args(sys.argv[1:], Guards.from_env(os.environ))
     os.execv(binary, [binary, *args])
 
 

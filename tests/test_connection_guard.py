@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from apps.connection_guard import FrontendNotFound, cap_from_env, guarded_args, guarded_config, haproxy_binary
+from apps.connection_guard import FrontendNotFound, Guards, guarded_args, guarded_config, haproxy_binary
 
 # The shape of what Ray 2.60 writes (ray/serve/_private/haproxy_templates.py), cut down.
 CONFIG = """global
@@ -33,8 +33,9 @@ backend app
 """
 
 
-def test_the_cap_goes_right_after_the_http_frontends_bind_line():
-    lines = guarded_config(CONFIG, 7).splitlines()
+def test_the_cap_goes_right_after_the_http_frontends_bind_line_and_the_buffers_in_global():
+    lines = guarded_config(CONFIG, Guards(7, 4096)).splitlines()
+    assert lines[0] == "global" and lines[3:5] == ["    tune.sndbuf.client 4096", "    tune.rcvbuf.server 4096"]
     bind = lines.index("    bind 127.0.0.1:18999")
     assert lines[bind - 1] == "frontend http_frontend"
     assert lines[bind + 2 : bind + 5] == [
@@ -47,38 +48,39 @@ def test_the_cap_goes_right_after_the_http_frontends_bind_line():
 
 def test_rays_bundled_haproxy_accepts_the_guarded_config(tmp_path):
     path = tmp_path / "haproxy.cfg"
-    path.write_text(guarded_config(CONFIG, 256))
+    path.write_text(guarded_config(CONFIG, Guards()))
     checked = subprocess.run([haproxy_binary(), "-c", "-f", str(path)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_a_config_without_the_frontend_is_left_alone(tmp_path, capsys):
     with pytest.raises(FrontendNotFound):
-        guarded_config(CONFIG.replace("frontend http_frontend", "frontend other"), 7)
+        guarded_config(CONFIG.replace("frontend http_frontend", "frontend other"), Guards())
     path = tmp_path / "haproxy.cfg"
     path.write_text(CONFIG.replace("frontend http_frontend", "frontend other"))
     args = ["-db", "-f", str(path), "-sf", "123"]
-    assert guarded_args(args, 7) == args
-    assert "no per-client cap" in capsys.readouterr().err
+    assert guarded_args(args, Guards()) == args
+    assert "no guards" in capsys.readouterr().err
 
 
 def test_haproxy_runs_the_guarded_copy_with_every_other_argument_kept(tmp_path):
     path = tmp_path / "haproxy.cfg"
     path.write_text(CONFIG)
-    args = guarded_args(["-db", "-f", str(path), "-sf", "123", "-x", "/tmp/admin.sock"], 7)
+    args = guarded_args(["-db", "-f", str(path), "-sf", "123", "-x", "/tmp/admin.sock"], Guards(7, 0))
     assert args == ["-db", "-f", f"{path}.guarded", "-sf", "123", "-x", "/tmp/admin.sock"]
-    assert "sc0_conn_cur gt 7" in (tmp_path / "haproxy.cfg.guarded").read_text()
+    guarded = (tmp_path / "haproxy.cfg.guarded").read_text()
+    assert "sc0_conn_cur gt 7" in guarded and "tune." not in guarded, "a buffer bound of 0: the kernel's"
     assert path.read_text() == CONFIG, "Ray's own file is not touched"
-    assert guarded_args(["-db", "-f", str(path)], 0) == ["-db", "-f", str(path)], "0: no cap"
+    assert guarded_args(["-db", "-f", str(path)], Guards(0, 0)) == ["-db", "-f", str(path)], "all off"
 
 
-@pytest.mark.parametrize(("raw", "cap"), [(None, 256), ("0", 0), ("1000", 1000)])
-def test_the_cap_comes_from_the_environment(raw, cap):
-    environ = {} if raw is None else {"LLM_GATEWAY_MAX_CONNECTIONS_PER_CLIENT": raw}
-    assert cap_from_env(environ) == cap
+def test_the_guards_come_from_the_environment():
+    assert Guards.from_env({}) == Guards(256, 262144)
+    environ = {"LLM_GATEWAY_MAX_CONNECTIONS_PER_CLIENT": "0", "LLM_GATEWAY_CONNECTION_BUFFER_BYTES": "65536"}
+    assert Guards.from_env(environ) == Guards(0, 65536)
 
 
 @pytest.mark.parametrize("raw", ["-1", "many", "2.5"])
-def test_a_wrong_cap_stops_haproxy_with_a_message(raw):
+def test_a_wrong_value_stops_haproxy_with_a_message(raw):
     with pytest.raises(SystemExit, match="LLM_GATEWAY_MAX_CONNECTIONS_PER_CLIENT"):
-        cap_from_env({"LLM_GATEWAY_MAX_CONNECTIONS_PER_CLIENT": raw})
+        Guards.from_env({"LLM_GATEWAY_MAX_CONNECTIONS_PER_CLIENT": raw})

@@ -4,6 +4,12 @@ Slow and stalled senders: more stalled sockets than the ingress used to have slo
 another client from being served, every one of them is answered within its bound, and a client
 that leaves while sending is counted as gone (499), not as a server error.
 
+Connection floods: one client address holds at most LLM_GATEWAY_MAX_CONNECTIONS_PER_CLIENT open
+connections (configs/ray-serve.env); HAProxy closes the next at once and serves everyone else.
+
+Stalled readers: a client that stops reading a long stream is cut by HAProxy's client timeout once
+the (bounded) buffers are full, and its engine request is aborted while still running.
+
 HTTP-level garbage: each malformed request gets a 4xx or is served as HAProxy normalised it,
 never a 5xx or a hang, the connection is closed where the request cannot be trusted, nothing is
 smuggled past HAProxy, and the next client is served. HAProxy parses every request once and
@@ -16,6 +22,7 @@ slots): 1,100 stalled senders held every slot and a normal request waited until 
 from __future__ import annotations
 
 import glob
+import json
 import re
 import socket
 import time
@@ -25,12 +32,19 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ray import serve
 
+from apps.applications import deployment_name
 from apps.config import DEFAULT_BODY_TIMEOUT_S
-from tests.conftest import app_args, ray_serve_env, serve_app
+from tests.conftest import app_args, driver_handle, ray_serve_env, serve_app
 
 PORT = 18810
 STALLED_SENDERS = 1100
+CONNECTIONS_PER_CLIENT = int(ray_serve_env()["LLM_GATEWAY_MAX_CONNECTIONS_PER_CLIENT"])
+# The stalled senders come from this many client addresses (127.0.0.10, ...), each within the
+# per-client cap: many clients, each behaving within its share. Normal requests come from
+# 127.0.0.1, a flood from 127.0.0.3.
+SENDER_ADDRESSES = -(-STALLED_SENDERS // CONNECTIONS_PER_CLIENT)
 HAPROXY_CLIENT_TIMEOUT_S = float(ray_serve_env()["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"])
 # Time for the answers to come through HAProxy and the test to read 1,100 sockets.
 SLACK_S = 5.0
@@ -98,6 +112,7 @@ PARTIAL_REQUEST = (
 def gateway() -> Iterator[str]:
     args = app_args("app.yaml", local_paths=True)
     args["models"] = [model for model in args["models"] if model["id"] == "tiny-chat"]
+    args["models"][0]["limits"]["max_tokens_cap"] = 2000  # the stalled reader's long answer
     with serve_app(args, PORT) as url:
         yield url
 
@@ -125,8 +140,9 @@ def test_stalled_senders_hold_no_one_else_up_and_get_408_within_the_body_timeout
     assert chat(gateway)[0] == 200
     senders = []
     try:
-        for _ in range(STALLED_SENDERS):
-            sock = socket.create_connection(("127.0.0.1", PORT))
+        for index in range(STALLED_SENDERS):
+            source = f"127.0.0.{10 + index % SENDER_ADDRESSES}"
+            sock = socket.create_connection(("127.0.0.1", PORT), source_address=(source, 0))
             sock.sendall(PARTIAL_REQUEST)  # headers, a few bytes of the body, then nothing
             senders.append(sock)
         stalled_at = time.monotonic()
@@ -141,6 +157,47 @@ def test_stalled_senders_hold_no_one_else_up_and_get_408_within_the_body_timeout
         for sock in senders:
             sock.close()
     assert answers == {"HTTP/1.1 408 Request Timeout": STALLED_SENDERS}, answers
+
+
+def health_from(source: str) -> str:
+    """The status line of GET /health sent from the address `source`, or "closed"."""
+    with socket.create_connection(("127.0.0.1", PORT), source_address=(source, 0)) as sock:
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + CLOSE + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            return "closed"
+        return first_line(sock, time.monotonic() + 5.0)
+
+
+def denied_connections() -> int:
+    """The HTTP frontend's connections refused by a `tcp-request connection` rule, from HAProxy's
+    stats (Ray's stats listener, port 8404)."""
+    stats = httpx.get("http://127.0.0.1:8404/stats;csv", timeout=5).text.splitlines()
+    header = stats[0].lstrip("# ").split(",")
+    (frontend,) = [line.split(",") for line in stats[1:] if line.startswith("http_frontend,FRONTEND,")]
+    return int(frontend[header.index("dcon")])
+
+
+def test_a_flood_from_one_address_past_its_cap_is_closed_at_once_and_others_are_served(gateway):
+    flood = []
+    try:
+        for _ in range(CONNECTIONS_PER_CLIENT + 20):
+            sock = socket.create_connection(("127.0.0.1", PORT), source_address=("127.0.0.3", 0))
+            flood.append(sock)
+        time.sleep(0.5)  # HAProxy has accepted (or closed) each of them
+        status, waited_s = chat(gateway)  # another address
+        assert status == 200 and waited_s < 2.0, (status, waited_s)
+        # Within the cap: open and waiting for a request. Past it: closed at once.
+        deadline = time.monotonic() + 1.0
+        answers = Counter(first_line(sock, deadline) for sock in flood)
+        assert answers == {"timeout": CONNECTIONS_PER_CLIENT, "closed": 20}, answers
+        assert health_from("127.0.0.3") == "closed", "still over the cap"
+    finally:
+        for sock in flood:
+            sock.close()
+    assert denied_connections() >= 21, "HAProxy's stats count the closed ones"
+    time.sleep(0.5)
+    assert health_from("127.0.0.3") == "HTTP/1.1 200 OK", "served again once under the cap"
 
 
 def test_a_stalled_header_sender_is_closed_by_haproxy_with_408(gateway):
@@ -202,3 +259,64 @@ def test_malformed_http_gets_a_clean_answer_and_the_next_client_is_served(gatewa
     assert statuses == expected, (case, statuses)
     assert closed, f"{case}: the connection was left open"
     assert chat(gateway)[0] == 200, f"after {case}"
+
+
+def access_lines(model: str) -> list[dict[str, str]]:
+    lines = []
+    for path in glob.glob("/tmp/ray/session_latest/logs/serve/replica_llm_ingress_*.log"):
+        for line in Path(path).read_text(errors="replace").splitlines():
+            if " access " in line and f"model={model}" in line:
+                lines.append(dict(part.split("=", 1) for part in line.split(" access ", 1)[1].split()))
+    return lines
+
+
+def test_a_reader_that_stops_reading_is_cut_and_its_engine_request_aborted(gateway):
+    """A long answer (4 choices, 20 log-probabilities a token: about 10 MB) to a client that reads
+    its first bytes and then nothing, through a 4 kB receive buffer. With HAProxy's buffers bounded
+    (LLM_GATEWAY_CONNECTION_BUFFER_BYTES), what lies between the engine and the reader fills
+    within about a megabyte; HAProxy closes the connection after its client timeout, and the
+    ingress aborts the engine request while the engine is still generating it."""
+    max_tokens = 1900
+    body = json.dumps(
+        {
+            "model": "tiny-chat",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "n": 4,
+        }
+    ).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    name = deployment_name("tiny-chat")
+    engine = driver_handle(serve.get_deployment_handle(name, app_name=name))
+    before = len(access_lines("tiny-chat"))
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.bind(("127.0.0.4", 0))
+        sock.connect(("127.0.0.1", PORT))
+        sock.sendall(request)
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200"), "the stream started"
+        stopped = time.monotonic()
+        last_running = stopped
+        while len(access_lines("tiny-chat")) == before:  # the ingress logs the request once it ends
+            assert time.monotonic() - stopped < 180, "the stalled reader's request never ended"
+            if engine.load.remote().result() > 0:
+                last_running = time.monotonic()
+            time.sleep(0.25)
+        cut_s = time.monotonic() - stopped
+        while engine.load.remote().result() > 0:
+            assert time.monotonic() - stopped < cut_s + 5, "the engine kept generating for the cut reader"
+            time.sleep(0.1)
+    (line,) = access_lines("tiny-chat")[before:]
+    assert line["status"] == "499", line
+    # Still generating until the cut: the engine request was aborted, not finished.
+    assert cut_s - (last_running - stopped) < 2.0, f"engine idle {cut_s - (last_running - stopped):.1f}s before the cut"
+    assert cut_s > HAPROXY_CLIENT_TIMEOUT_S - 1, f"cut after {cut_s:.1f}s, before HAProxy's client timeout"
+    assert chat(gateway)[0] == 200
+    print(f"stalled reader cut {cut_s:.0f}s after it stopped reading, the engine still generating")
