@@ -88,13 +88,14 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
     # The router's knobs are live settings: each request carries them (`apps.routing`).
     options["request_router_config"] = {"request_router_class": "apps.routing:PrefixAffinityRouter"}
     # Every model autoscales under the live sizing policy, inside bounds Serve never reaches;
-    # Serve's delays are 0 because the policy counts them (`apps.replica_policy`).
+    # Serve's delays are 0 because the policy counts them (`apps.replica_policy`). No
+    # `initial_replicas`: Serve would reset the count to it on every roll. A new deployment
+    # starts at 0 and the policy raises it to the minimum at its first tick.
     sizing = replica_sizing(model)
     autoscaling = model.replicas.autoscaling
     options["autoscaling_config"] = {
         "min_replicas": 0,
         "max_replicas": REPLICA_CEILING,
-        "initial_replicas": int(sizing["min_replicas"]),
         "target_ongoing_requests": sizing["target_ongoing_requests"],
         "upscale_delay_s": 0,
         "downscale_delay_s": 0,

@@ -6,9 +6,11 @@ and a model application is rebuilt only by an engine change, which rolls its rep
 model deployment autoscales under this policy, inside bounds Serve never reaches (0 and
 `REPLICA_CEILING`), and the policy reads the model's sizing (a fixed count is min = max) from
 Ray's internal KV store, where the live settings' builder puts it once it has validated an edit
-(`publish_sizing`). A bound that moves applies at Serve's next control-loop tick; demand moves
-the count only after it has held for the upscale or downscale delay, which this policy counts
-itself (Serve's own delays are set to 0, or they would delay a bound change too).
+(`publish_sizing`). A bound that moves applies within about a second (`SIZING_READ_INTERVAL_S`);
+demand moves the count only after it has held for the upscale or downscale delay, which this
+policy counts itself (Serve's own delays are set to 0, or they would delay a bound change too).
+While a model has no replica running and requests wait, Serve's cold-start path starts one
+without asking the policy.
 
 Serve runs the policy in its controller, unpickled by value: this module imports nothing of the
 gateway's, so the controller needs no `apps` package.
@@ -17,9 +19,12 @@ gateway's, so the controller needs no `apps` package.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from typing import Any
+
+logger = logging.getLogger("ray.serve")
 
 # Serve's own bounds for a model deployment; the live ones lie inside.
 REPLICA_CEILING = 1000
@@ -81,37 +86,54 @@ def decide(
     return target, {"direction": direction, "since": since}
 
 
+def valid_sizing(entry: Any) -> dict[str, float] | None:
+    """`entry` if it is a model's sizing as `publish_sizing` writes it, else None."""
+    if not isinstance(entry, dict):
+        return None
+    values = [entry.get(field) for field in SIZING_FIELDS]
+    if not all(isinstance(value, (int, float)) and value >= 0 for value in values):
+        return None
+    if entry["min_replicas"] > entry["max_replicas"] or entry["target_ongoing_requests"] <= 0:
+        return None
+    return entry
+
+
 class LiveSizingPolicy:
-    """Serve's policy object for one model deployment (Serve builds it with `policy_kwargs`)."""
+    """Serve's policy object for one model deployment (Serve builds it with `policy_kwargs`).
+    It runs in Serve's controller, where an exception would hold up every application's update:
+    whatever goes wrong keeps the current count."""
 
     def __init__(self, model_id: str, sizing: dict[str, float], built_at: float) -> None:
         self._model_id = model_id
         self._built = sizing
         self._built_at = built_at
         self._live: dict[str, float] | None = None
-        self._read_at = -math.inf
+        self._read_at = -math.inf  # time.monotonic()
 
-    def sizing(self, now: float) -> dict[str, float]:
+    def sizing(self) -> dict[str, float]:
         """The published sizing if it is newer than this deployment's build, else the build's."""
-        if now - self._read_at >= SIZING_READ_INTERVAL_S:
-            self._read_at = now
+        if time.monotonic() - self._read_at >= SIZING_READ_INTERVAL_S:
+            self._read_at = time.monotonic()
             try:
                 published = read_sizing()
             except Exception:  # the GCS busy, say: keep what was read last
-                published = {}
-            if published is not None and "models" in published:
-                fresh = published["published_at"] >= self._built_at
-                self._live = published["models"].get(self._model_id) if fresh else None
+                return self._live or self._built
+            if isinstance(published, dict) and isinstance(published.get("models"), dict):
+                fresh = published.get("published_at", -math.inf) >= self._built_at
+                self._live = valid_sizing(published["models"].get(self._model_id)) if fresh else None
         return self._live or self._built
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
-        now = time.time()
-        state = {k: v for k, v in ctx.policy_state.items() if k in ("direction", "since")}
-        return decide(
-            self.sizing(now),
-            ctx.target_num_replicas,
-            ctx.current_num_replicas,
-            ctx.total_num_requests,
-            now,
-            state,
-        )
+        try:
+            state = {k: v for k, v in ctx.policy_state.items() if k in ("direction", "since")}
+            return decide(
+                self.sizing(),
+                ctx.target_num_replicas,
+                ctx.current_num_replicas,
+                ctx.total_num_requests,
+                time.time(),
+                state,
+            )
+        except Exception:
+            logger.exception("Model %s: replica sizing failed; keeping the current count", self._model_id)
+            return ctx.target_num_replicas, {}

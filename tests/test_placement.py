@@ -94,7 +94,7 @@ def test_deployment_options_derive_from_batch_capacity():
     assert options["name"] == deployment_name("org/model:v1") == "model-org_model_v1"
     assert options["max_ongoing_requests"] == 80
     assert options["max_queued_requests"] == 160, "a bounded queue: Serve answers 503 beyond it"
-    assert options["autoscaling_config"]["initial_replicas"] == 1
+    assert "initial_replicas" not in options["autoscaling_config"], "a roll would reset the count to it"
     assert sizing_of(options) == {
         "min_replicas": 1,
         "max_replicas": 1,
@@ -126,7 +126,7 @@ def test_deployment_options_autoscaling_and_kv_cache_env():
         "downscale_delay_s": 600.0,
     }
     scaling = options["autoscaling_config"]
-    assert (scaling["initial_replicas"], scaling["look_back_period_s"]) == (0, 30.0)
+    assert scaling["look_back_period_s"] == 30.0
     assert options["max_ongoing_requests"] == 40
     assert options["ray_actor_options"]["runtime_env"]["env_vars"] == {"VLLM_CPU_KVCACHE_SPACE": "2"}
 

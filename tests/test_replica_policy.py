@@ -5,6 +5,7 @@ than its deployment's build."""
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -67,19 +68,20 @@ def test_with_no_replica_running_the_target_stays():
     assert decide(AUTOSCALED, 2, running=0, ongoing=0.0, now=0.0, state={}) == (2, {}), "still starting"
 
 
-def context(target: int, running: int, ongoing: float) -> SimpleNamespace:
+def context(target: int, running: int, ongoing: float, config: Any = None) -> SimpleNamespace:
     return SimpleNamespace(
         target_num_replicas=target,
         current_num_replicas=running,
         total_num_requests=ongoing,
         policy_state={"__decision_counters": 0},  # Serve's own keys are left to Serve
+        config=config,
     )
 
 
 def test_the_policy_takes_published_sizing_newer_than_its_build(monkeypatch):
     published: dict = {}
     monkeypatch.setattr(replica_policy, "read_sizing", lambda: published.get("value"))
-    monkeypatch.setattr(replica_policy.time, "time", lambda: clock[0])
+    monkeypatch.setattr(replica_policy.time, "monotonic", lambda: clock[0])
     clock = [1000.0]
     policy = LiveSizingPolicy("m", fixed(2), built_at=500.0)
     assert policy(context(2, 2, 0.0)) == (2, {}), "nothing published: the build's sizing"
@@ -97,3 +99,42 @@ def test_the_policy_takes_published_sizing_newer_than_its_build(monkeypatch):
     published["value"] = {"published_at": 700.0, "models": {"other": fixed(5)}}
     clock[0] += 1.0
     assert policy(context(1, 1, 0.0)) == (2, {}), "the model no longer published: the build's"
+
+
+def test_a_malformed_publication_or_a_failure_keeps_the_build_or_the_current_count(monkeypatch):
+    published = {"published_at": 600.0, "models": {"m": {"min_replicas": 3}}}  # fields missing
+    monkeypatch.setattr(replica_policy, "read_sizing", lambda: published)
+    policy = LiveSizingPolicy("m", fixed(2), built_at=500.0)
+    assert policy(context(2, 2, 0.0)) == (2, {}), "an entry it cannot read: the build's sizing"
+
+    def broken() -> dict:
+        raise RuntimeError("a format from a newer gateway")
+
+    policy = LiveSizingPolicy("m", fixed(2), built_at=500.0)
+    monkeypatch.setattr(replica_policy, "decide", lambda *args: broken())
+    assert policy(context(5, 5, 0.0)) == (5, {}), "Serve's controller never sees an exception"
+
+
+def test_through_serves_own_wrapper_the_policys_decisions_pass_unchanged(monkeypatch):
+    """Serve wraps a custom policy with its scaling factors, delays and cold-start path; with the
+    builder's settings (delays 0, bounds 0..1000) they change nothing."""
+    from ray.serve.autoscaling_policy import _apply_autoscaling_config
+    from ray.serve.config import AutoscalingConfig
+
+    from apps.builder import model_deployment_options
+    from apps.config import ModelConfig
+
+    model = ModelConfig.model_validate(
+        {"id": "m", "path": "/x", "replicas": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}}},
+        context={"check_model_files": False},
+    )
+    options = model_deployment_options(model)["autoscaling_config"]
+    config = AutoscalingConfig(**options)
+    policy = LiveSizingPolicy(**options["policy"]["policy_kwargs"])
+    monkeypatch.setattr(replica_policy, "read_sizing", lambda: None)
+    wrapped = _apply_autoscaling_config(policy)
+    assert wrapped(context(0, 0, 0.0, config))[0] == 1, "a new deployment (target 0) goes to min at once"
+    assert wrapped(context(6, 6, 0.0, config))[0] == 4, "above max: down at once"
+    count, state = wrapped(context(1, 1, 200.0, config))
+    assert count == 1 and state["direction"] == "up", "demand waits for the upscale delay"
+    assert wrapped(context(0, 0, 5.0, config))[0] == 1, "requests at zero replicas: Serve's cold start"
