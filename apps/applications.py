@@ -36,7 +36,7 @@ import copy
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 
@@ -261,9 +261,16 @@ def deployed_args() -> dict[str, tuple[str, Mapping[str, Any]]]:
     return _as_deployed(configs)
 
 
-async def app_statuses_async() -> dict[str, str]:
-    """Each application's status as `serve status` shows it (RUNNING, DEPLOYING, DEPLOY_FAILED,
-    ...)."""
+class AppStatus(NamedTuple):
+    """An application's status as `serve status` shows it (RUNNING, DEPLOYING, DEPLOY_FAILED, ...),
+    and whether it has deployments (a failed build of a new application has none)."""
+
+    status: str
+    has_deployments: bool = True
+
+
+async def app_statuses_async() -> dict[str, AppStatus]:
+    """Each application's `AppStatus`."""
     from ray.serve._private.application_state import StatusOverview
     from ray.serve.generated.serve_pb2 import StatusOverview as StatusOverviewProto
 
@@ -274,21 +281,28 @@ async def app_statuses_async() -> dict[str, str]:
         _forget_controller()
         raise
     overviews = [StatusOverview.from_proto(StatusOverviewProto.FromString(item)) for item in raw]
-    return {overview.name: str(overview.app_status.status.value) for overview in overviews}
+    return {
+        overview.name: AppStatus(str(overview.app_status.status.value), bool(overview.deployment_statuses))
+        for overview in overviews
+    }
 
 
 def serving_args(
-    deployed: DeployedArgs, statuses: Mapping[str, str], built: Mapping[str, tuple[str, Mapping[str, Any]]]
+    deployed: DeployedArgs,
+    statuses: Mapping[str, AppStatus],
+    built: Mapping[str, tuple[str, Mapping[str, Any]]],
 ) -> dict[str, tuple[str, Mapping[str, Any]]]:
     """The applications as Serve serves them. `deployed` holds what was last submitted, even for
-    an application whose build failed; Serve keeps running what that one had before, which is
-    `built[name]` (its args when it last ran them), or nothing for a new application."""
+    an application whose build failed. Serve keeps running what a failed application ran before
+    if it has deployments: `built[name]` (its args when it last ran them), or, not known, what was
+    submitted; a failed application without deployments (a new one) serves nothing."""
     serving = {}
     for name, app in deployed.items():
-        if statuses.get(name) != "DEPLOY_FAILED":
+        status = statuses.get(name)
+        if status is None or status.status != "DEPLOY_FAILED":
             serving[name] = app
-        elif name in built:
-            serving[name] = built[name]
+        elif status.has_deployments:
+            serving[name] = built.get(name, app)
     return serving
 
 

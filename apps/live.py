@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from apps.admission import ModelGate, ModelRoute, gate_for
 from apps.applications import (
     SETTINGS_POLL_S,
+    AppStatus,
     PartError,
     app_statuses_async,
     applications_of,
@@ -113,13 +114,13 @@ class SettingsWatch:
     application's build fails too, and `serve status` says why. An application whose build
     failed on what only its builder checks (a model's checkpoint, say) counts with the args Serve
     still runs it with (`serving_args`): a submitted edit applies at once, and is taken back when
-    its build fails, seconds later. A config is kept for replicas that start later once every
-    application runs it."""
+    its build fails, seconds later. A config is kept for replicas that start later once Serve is
+    done with every application's submission (built, or failed and taken back)."""
 
     def __init__(self, current: AppConfig, apply: Callable[[AppConfig], None]) -> None:
         self._current = current
         self._apply = apply
-        self._last_seen: tuple[Mapping[str, Any], Mapping[str, str]] | None = None
+        self._last_seen: tuple[Mapping[str, Any], Mapping[str, AppStatus]] | None = None
         self._last_error: str | None = None
         self._built: dict[str, tuple[str, Mapping[str, Any]]] | None = None  # as last seen BUILT
         self._published: dict[str, Any] | None = None
@@ -141,7 +142,8 @@ class SettingsWatch:
         self._last_seen = (deployed, statuses)
         if self._built is None:
             self._built = await settled_applications()
-        self._built.update({name: app for name, app in deployed.items() if statuses.get(name) in BUILT})
+        self._built = {name: app for name, app in self._built.items() if name in deployed}
+        self._built.update({name: app for name, app in deployed.items() if _built(statuses.get(name))})
         args = compose_or_error(serving_args(deployed, statuses, self._built))
         try:
             if isinstance(args, str):
@@ -153,7 +155,7 @@ class SettingsWatch:
                 logger.error("Deployed settings refused; still serving the previous ones. %s", exc)
             return False
         self._last_error = None
-        if all(status in BUILT for status in statuses.values()) and args != self._published:
+        if all(_settled(statuses.get(name)) for name in deployed) and args != self._published:
             try:
                 await asyncio.to_thread(publish_applied, args)
                 self._published = args
@@ -166,6 +168,15 @@ class SettingsWatch:
         self._apply(config)
         logger.info("Live settings applied; changed: %s.", ", ".join(changed))
         return True
+
+
+def _built(status: AppStatus | None) -> bool:
+    return status is not None and status.status in BUILT
+
+
+def _settled(status: AppStatus | None) -> bool:
+    """Serve is done with the application's last submission, built or failed."""
+    return status is not None and (status.status in BUILT or status.status == "DEPLOY_FAILED")
 
 
 def compose_or_error(deployed: Mapping[str, Any]) -> dict[str, Any] | str:

@@ -14,8 +14,10 @@ from apps.applications import (
     GATEWAY_IMPORT_PATH,
     MODEL_IMPORT_PATH,
     SETTINGS_IMPORT_PATH,
+    AppStatus,
     PartError,
     compose_args,
+    serving_args,
     split_args,
 )
 from apps.config import ApiKey, load_config
@@ -156,14 +158,14 @@ class FakeController:
 
     def __init__(self, monkeypatch, applications: dict) -> None:
         self.applications = applications
-        self.statuses: dict[str, str] = {}
+        self.statuses: dict[str, AppStatus] = {}
         self.published: list[dict] = []
 
         async def read() -> dict:
             return copy.deepcopy(self.applications)
 
         async def statuses() -> dict:
-            return {name: self.statuses.get(name, "RUNNING") for name in self.applications}
+            return {name: self.statuses.get(name, AppStatus("RUNNING")) for name in self.applications}
 
         async def applied() -> dict | None:
             return self.published[-1] if self.published else None
@@ -210,12 +212,17 @@ def test_an_edit_whose_build_fails_is_taken_back_and_a_new_model_that_fails_is_n
     edited["models"][1]["engine"] = {"max_num_seqs": 4}  # an engine change whose build fails
     edited["models"].append({"id": "m3", "path": "/missing", "limits": {"max_tokens_cap": 400}})
     serve.applications = deployed(split_args(edited))
-    serve.statuses = {"llm-settings": "DEPLOYING", "model-org_m2": "DEPLOYING", "model-m3": "DEPLOYING"}
+    building = AppStatus("DEPLOYING")
+    serve.statuses = {"llm-settings": building, "model-org_m2": building, "model-m3": AppStatus("DEPLOYING", False)}
     assert asyncio.run(watch.poll()), "submitted: applied at once, as the builds run"
     assert [m.id for m in applied[-1].models] == ["m1", "org/m2", "m3"]
     assert len(serve.published) == 1, "not kept for later replicas while builds run"
 
-    serve.statuses = {"llm-settings": "RUNNING", "model-org_m2": "DEPLOY_FAILED", "model-m3": "DEPLOY_FAILED"}
+    serve.statuses = {
+        "llm-settings": AppStatus("RUNNING"),
+        "model-org_m2": AppStatus("DEPLOY_FAILED", has_deployments=True),  # its old replicas run
+        "model-m3": AppStatus("DEPLOY_FAILED", has_deployments=False),
+    }
     assert asyncio.run(watch.poll()), "the failed builds are taken back"
     m1, m2 = applied[-1].models
     assert (m1.id, m1.limits.max_tokens_cap) == ("m1", 280), "what built is kept"
@@ -366,3 +373,14 @@ def test_a_starting_ingress_takes_the_deployed_then_the_last_applied_then_the_bu
     built = load_config(whole(300), check_model_files=False)
     config = asyncio.run(starting_settings(built))
     assert config.models[0].limits.max_tokens_cap == expected_cap
+
+
+def test_a_failed_application_without_deployments_serves_nothing_whatever_ran_before():
+    """A model removed, then added again with a wrong path: Serve runs nothing for it."""
+    before = ("apps.builder:build_model", {"id": "m3", "path": "/models/m3"})
+    deployed = {"model-m3": ("apps.builder:build_model", {"id": "m3", "path": "/missing"})}
+    failed_new = {"model-m3": AppStatus("DEPLOY_FAILED", has_deployments=False)}
+    assert serving_args(deployed, failed_new, {"model-m3": before}) == {}
+    failed_roll = {"model-m3": AppStatus("DEPLOY_FAILED", has_deployments=True)}
+    assert serving_args(deployed, failed_roll, {"model-m3": before}) == {"model-m3": before}
+    assert serving_args(deployed, failed_roll, {}) == deployed, "its previous args unknown: as submitted"
