@@ -6,8 +6,10 @@ an operator choose the HAProxy binary (`RAY_SERVE_HAPROXY_BINARY_PATH`). This pr
 binary (installed as `llm-gateway-haproxy`): it adds a stick table to the configuration's HTTP
 frontend, which counts each client address's open connections and closes a new one past the cap
 at once, and bounds the buffers in `global`; then it replaces itself with Ray's bundled HAProxy
-(`exec`: the same process, so Ray's reloads and signals reach HAProxy as before). Without the
-sections it expects, it changes nothing and says so on stderr (HAProxy's log).
+(`exec`: the same process, so Ray's reloads and signals reach HAProxy as before). It edits Ray's
+file in place, under Ray's lock on it: Ray finds its HAProxy processes by that path in their
+command line. Without the sections it expects, it changes nothing and says so on stderr
+(HAProxy's log).
 
 The buffers: the kernel grows a socket's buffers to megabytes (`tcp_rmem`, `tcp_wmem`), so a
 client that stopped reading a stream would hold megabytes of answer before HAProxy noticed it
@@ -15,13 +17,16 @@ could not send (its client timeout), while the engine kept generating for it. Bo
 megabyte lies between the engine and the reader, and HAProxy closes the connection; the ingress
 then aborts the engine request.
 
-HTTP/1.1 carries one request at a time per connection (HAProxy's frontend here speaks no HTTP/2),
-so the cap bounds a client's concurrent requests too. Behind a load balancer every client has its
-address: switch the cap off there (`0`) unless the balancer passes the client's address on.
+The frontend is made HTTP/1 only (`proto h1`: HAProxy would otherwise take HTTP/2 with prior
+knowledge, up to 100 concurrent requests a connection), and HTTP/1.1 carries one request at a
+time per connection, so the cap bounds a client's concurrent requests too. Behind a load
+balancer every client has its address: switch the cap off there (`0`) unless the balancer
+passes the client's address on.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import sys
@@ -39,6 +44,8 @@ DEFAULT_BUFFER_BYTES = 262144
 # The HAProxy to run; Ray's bundled one when unset.
 HAPROXY_ENV = "LLM_GATEWAY_HAPROXY_BINARY"
 FRONTEND = "frontend http_frontend"
+# Marks a configuration this wrapper has guarded.
+MARKER = "# llm-gateway (apps/connection_guard.py)"
 
 
 @dataclass(frozen=True)
@@ -75,19 +82,23 @@ def guarded_config(text: str, guards: Guards) -> str:
         raise FrontendNotFound(f"'global' or {FRONTEND!r}") from None
     if not lines[bind].strip().startswith("bind "):
         raise FrontendNotFound(f"{FRONTEND} has no bind line")
+    if MARKER in text:  # guarded already (HAProxy started again on the same file)
+        return text
     cap, buffer = guards.max_connections_per_client, guards.connection_buffer_bytes
     tuning = []
     if buffer:
         tuning = [
-            f"    # llm-gateway (apps/connection_guard.py): {buffer} bytes of kernel buffer per client\n",
+            f"    {MARKER}: {buffer} bytes of kernel buffer per client\n",
             "    # connection and per answer read, so a reader that stopped is noticed (timeout client)\n",
             f"    tune.sndbuf.client {buffer}\n",
             f"    tune.rcvbuf.server {buffer}\n",
         ]
     rules = []
     if cap:
+        # HTTP/1 only: one HTTP/2 connection would carry up to 100 concurrent requests.
+        lines[bind] = lines[bind].rstrip("\n") + " proto h1\n"
         rules = [
-            f"    # llm-gateway (apps/connection_guard.py): at most {cap} open connections per client address\n",
+            f"    {MARKER}: at most {cap} open connections per client address\n",
             "    stick-table type ipv6 size 1m expire 60s store conn_cur\n",
             "    tcp-request connection track-sc0 src\n",
             f"    tcp-request connection reject if {{ sc0_conn_cur gt {cap} }}\n",
@@ -106,25 +117,28 @@ def _whole_number(environ: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
-def guarded_args(args: list[str], guards: Guards) -> list[str]:
-    """HAProxy's arguments, with `-f CONFIG` replaced by the guarded copy of CONFIG (written
-    next to it)."""
+def guard_config_file(args: list[str], guards: Guards) -> None:
+    """Guard the configuration HAProxy's arguments name (`-f CONFIG`), in place: Ray finds its
+    HAProxy processes by that path in their command line. Under Ray's own lock on the file."""
     if guards == Guards(0, 0) or "-f" not in args:
-        return args
-    index = args.index("-f") + 1
-    path = args[index]
-    with open(path) as file:
-        text = file.read()
-    try:
-        guarded = guarded_config(text, guards)
-    except FrontendNotFound as exc:
-        print(f"llm-gateway-haproxy: no guards: {exc} not found in {path}", file=sys.stderr)
-        return args
-    guarded_path = f"{path}.guarded"
-    with open(f"{guarded_path}.tmp", "w") as file:
-        file.write(guarded)
-    os.replace(f"{guarded_path}.tmp", guarded_path)
-    return [*args[:index], guarded_path, *args[index + 1 :]]
+        return
+    path = args[args.index("-f") + 1]
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            with open(path) as file:
+                text = file.read()
+            try:
+                guarded = guarded_config(text, guards)
+            except FrontendNotFound as exc:
+                print(f"llm-gateway-haproxy: no guards: {exc} not found in {path}", file=sys.stderr)
+                return
+            if guarded != text:
+                with open(f"{path}.tmp", "w") as file:
+                    file.write(guarded)
+                os.replace(f"{path}.tmp", path)
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 def haproxy_binary() -> str:
@@ -147,7 +161,8 @@ def haproxy_binary() -> str:
 
 def main() -> None:
     binary = haproxy_binary()
-    args = guarded_args(sys.argv[1:], Guards.from_env(os.environ))
+    args = sys.argv[1:]
+    guard_config_file(args, Guards.from_env(os.environ))
     os.execv(binary, [binary, *args])
 
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from apps.connection_guard import FrontendNotFound, Guards, guarded_args, guarded_config, haproxy_binary
+from apps.connection_guard import FrontendNotFound, Guards, guard_config_file, guarded_config, haproxy_binary
 
 # The shape of what Ray 2.60 writes (ray/serve/_private/haproxy_templates.py), cut down.
 CONFIG = """global
@@ -36,7 +36,7 @@ backend app
 def test_the_cap_goes_right_after_the_http_frontends_bind_line_and_the_buffers_in_global():
     lines = guarded_config(CONFIG, Guards(7, 4096)).splitlines()
     assert lines[0] == "global" and lines[3:5] == ["    tune.sndbuf.client 4096", "    tune.rcvbuf.server 4096"]
-    bind = lines.index("    bind 127.0.0.1:18999")
+    bind = lines.index("    bind 127.0.0.1:18999 proto h1")  # HTTP/1 only: one request per connection
     assert lines[bind - 1] == "frontend http_frontend"
     assert lines[bind + 2 : bind + 5] == [
         "    stick-table type ipv6 size 1m expire 60s store conn_cur",
@@ -54,24 +54,29 @@ def test_rays_bundled_haproxy_accepts_the_guarded_config(tmp_path):
 
 
 def test_a_config_without_the_frontend_is_left_alone(tmp_path, capsys):
+    other = CONFIG.replace("frontend http_frontend", "frontend other")
     with pytest.raises(FrontendNotFound):
-        guarded_config(CONFIG.replace("frontend http_frontend", "frontend other"), Guards())
+        guarded_config(other, Guards())
     path = tmp_path / "haproxy.cfg"
-    path.write_text(CONFIG.replace("frontend http_frontend", "frontend other"))
-    args = ["-db", "-f", str(path), "-sf", "123"]
-    assert guarded_args(args, Guards()) == args
+    path.write_text(other)
+    guard_config_file(["-db", "-f", str(path), "-sf", "123"], Guards())
+    assert path.read_text() == other
     assert "no guards" in capsys.readouterr().err
 
 
-def test_haproxy_runs_the_guarded_copy_with_every_other_argument_kept(tmp_path):
+def test_the_file_haproxy_is_started_on_is_guarded_in_place_once(tmp_path):
+    """In place: Ray finds its HAProxy processes by the config path in their command line."""
     path = tmp_path / "haproxy.cfg"
     path.write_text(CONFIG)
-    args = guarded_args(["-db", "-f", str(path), "-sf", "123", "-x", "/tmp/admin.sock"], Guards(7, 0))
-    assert args == ["-db", "-f", f"{path}.guarded", "-sf", "123", "-x", "/tmp/admin.sock"]
-    guarded = (tmp_path / "haproxy.cfg.guarded").read_text()
+    args = ["-db", "-f", str(path), "-sf", "123", "-x", "/tmp/admin.sock"]
+    guard_config_file(args, Guards(7, 0))
+    guarded = path.read_text()
     assert "sc0_conn_cur gt 7" in guarded and "tune." not in guarded, "a buffer bound of 0: the kernel's"
-    assert path.read_text() == CONFIG, "Ray's own file is not touched"
-    assert guarded_args(["-db", "-f", str(path)], Guards(0, 0)) == ["-db", "-f", str(path)], "all off"
+    guard_config_file(args, Guards(7, 0))
+    assert path.read_text() == guarded, "started again on the same file: guarded once"
+    path.write_text(CONFIG)
+    guard_config_file(args, Guards(0, 0))
+    assert path.read_text() == CONFIG, "all off: untouched"
 
 
 def test_the_guards_come_from_the_environment():

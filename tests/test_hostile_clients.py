@@ -169,13 +169,15 @@ def health_from(source: str) -> str:
         return first_line(sock, time.monotonic() + 5.0)
 
 
-def denied_connections() -> int:
-    """The HTTP frontend's connections refused by a `tcp-request connection` rule, from HAProxy's
-    stats (Ray's stats listener, port 8404)."""
-    stats = httpx.get("http://127.0.0.1:8404/stats;csv", timeout=5).text.splitlines()
-    header = stats[0].lstrip("# ").split(",")
-    (frontend,) = [line.split(",") for line in stats[1:] if line.startswith("http_frontend,FRONTEND,")]
-    return int(frontend[header.index("dcon")])
+def haproxy_metric(name: str) -> float:
+    """One of the HTTP frontend's counters from HAProxy's own Prometheus exporter (port 9101)."""
+    text = httpx.get("http://127.0.0.1:9101/metrics", timeout=5).text
+    (value,) = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and 'proxy="http_frontend"' in line
+    ]
+    return value
 
 
 def test_a_flood_from_one_address_past_its_cap_is_closed_at_once_and_others_are_served(gateway):
@@ -195,9 +197,17 @@ def test_a_flood_from_one_address_past_its_cap_is_closed_at_once_and_others_are_
     finally:
         for sock in flood:
             sock.close()
-    assert denied_connections() >= 21, "HAProxy's stats count the closed ones"
+    assert haproxy_metric("haproxy_frontend_denied_connections_total") >= 21, "counted for Prometheus"
     time.sleep(0.5)
     assert health_from("127.0.0.3") == "HTTP/1.1 200 OK", "served again once under the cap"
+
+
+def test_http2_is_refused_so_a_connection_carries_one_request_at_a_time(gateway):
+    """HTTP/2 with prior knowledge would carry up to 100 concurrent requests on one connection,
+    past the per-address cap."""
+    statuses, closed = answers_until_closed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert statuses in ([400], []) and closed, (statuses, closed)
+    assert chat(gateway)[0] == 200
 
 
 def test_a_stalled_header_sender_is_closed_by_haproxy_with_408(gateway):
