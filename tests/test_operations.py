@@ -18,7 +18,8 @@
   touched;
 - `serve deploy` of an edited file that changes the replica count or the autoscaling bounds:
   applied within seconds without restarting a replica, a scale-down from 2 to 1 under streaming
-  load cuts no stream, and a raised minimum starts a replica;
+  load cuts no stream, and a raised minimum starts a replica; a roll of an autoscaled model
+  keeps its count;
 - stopping the gateway with `scripts/stop.py`: the streams in flight finish (`serve shutdown`
   alone cuts them).
 
@@ -370,7 +371,7 @@ def test_an_engine_setting_change_rolls_that_models_replicas_only_without_losing
 
 def replica_states() -> dict[str, int]:
     status = serve.status().applications[deployment_name(MODEL)].deployments[deployment_name(MODEL)]
-    return {str(state): count for state, count in status.replica_states.items()}
+    return {ReplicaState(state).value: count for state, count in status.replica_states.items() if count}
 
 
 def test_replica_count_and_autoscaling_bounds_apply_live_and_a_scale_down_cuts_no_stream(gateway):
@@ -404,6 +405,22 @@ def test_replica_count_and_autoscaling_bounds_apply_live_and_a_scale_down_cuts_n
     wait_until_serving(2)
     assert survivors <= {p.pid for p in replica_processes()}, "the running replica was restarted"
     assert others <= engine_and_gateway_pids()
+
+
+def test_rolling_an_autoscaled_model_keeps_its_replica_count(gateway):
+    """Serve resets an autoscaled deployment's count to `initial_replicas` when its config
+    changes; the gateway sets none, so a roll keeps the count the model had (2, above its
+    minimum of 1, with a downscale delay far longer than the test)."""
+    before = {p.pid for p in replica_processes()}
+    assert len(before) == 2
+    autoscaled = {"autoscaling": {"min_replicas": 1, "max_replicas": 2}}
+    serve_deploy(serve_config(max_num_seqs=ROLLED_MAX_NUM_SEQS, replicas=autoscaled), gateway)
+    time.sleep(3)  # a live change of the bounds: nothing moves
+    assert {p.pid for p in replica_processes()} == before
+    serve_deploy(serve_config(max_num_seqs=ROLLED_MAX_NUM_SEQS - 8, replicas=autoscaled), gateway)
+    wait_for(lambda: before.isdisjoint(p.pid for p in replica_processes()), "the roll", limit_s=RECOVERY_TIMEOUT_S)
+    wait_until_serving(2)
+    assert replica_states() == {"RUNNING": 2}, replica_states()
 
 
 def test_stopping_the_gateway_with_scripts_stop_lets_the_streams_in_flight_finish(gateway):
