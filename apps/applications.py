@@ -269,6 +269,23 @@ class AppStatus(NamedTuple):
     has_deployments: bool = True
 
 
+def replica_count(model_id: str) -> int | None:
+    """How many replicas `model_id`'s deployment has now (Serve's replica actors, starting and
+    stopping ones included); None when Ray is not connected. Not from Serve's deployment
+    details: while an application builds, they list none of its deployments."""
+    if not ray.is_initialized():
+        return None
+    from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
+
+    name = deployment_name(model_id)
+    prefix = f"{REPLICA_ID_FULL_ID_STR_PREFIX}{name}#{name}#"
+    try:
+        actors = ray.util.list_named_actors(all_namespaces=True)
+    except Exception:
+        return None
+    return sum(1 for actor in actors if str(actor.get("name", "")).startswith(prefix))
+
+
 async def app_statuses_async() -> dict[str, AppStatus]:
     """Each application's `AppStatus`."""
     from ray.serve._private.application_state import StatusOverview

@@ -30,6 +30,7 @@ from apps.applications import (
     compose_args,
     deployed_args,
     deployment_name,
+    replica_count,
 )
 from apps.config import (
     DEFAULT_MAX_SURGE_PERCENT,
@@ -88,14 +89,18 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
     # The router's knobs are live settings: each request carries them (`apps.routing`).
     options["request_router_config"] = {"request_router_class": "apps.routing:PrefixAffinityRouter"}
     # Every model autoscales under the live sizing policy, inside bounds Serve never reaches;
-    # Serve's delays are 0 because the policy counts them (`apps.replica_policy`). No
-    # `initial_replicas`: Serve would reset the count to it on every roll. A new deployment
-    # starts at 0 and the policy raises it to the minimum at its first tick.
+    # Serve's delays are 0 because the policy counts them (`apps.replica_policy`). Serve starts
+    # a deployment at `initial_replicas`, and resets it to that count on every roll: the count it
+    # has now (within the bounds; the minimum for a new one). Without it a new deployment would
+    # start at 0, and report RUNNING before the policy's first tick.
     sizing = replica_sizing(model)
     autoscaling = model.replicas.autoscaling
+    low, high = int(sizing["min_replicas"]), int(sizing["max_replicas"])
+    current = replica_count(model.id)
     options["autoscaling_config"] = {
         "min_replicas": 0,
         "max_replicas": REPLICA_CEILING,
+        "initial_replicas": low if current is None else min(max(current, low), high),
         "target_ongoing_requests": sizing["target_ongoing_requests"],
         "upscale_delay_s": 0,
         "downscale_delay_s": 0,

@@ -94,7 +94,7 @@ def test_deployment_options_derive_from_batch_capacity():
     assert options["name"] == deployment_name("org/model:v1") == "model-org_model_v1"
     assert options["max_ongoing_requests"] == 80
     assert options["max_queued_requests"] == 160, "a bounded queue: Serve answers 503 beyond it"
-    assert "initial_replicas" not in options["autoscaling_config"], "a roll would reset the count to it"
+    assert options["autoscaling_config"]["initial_replicas"] == 1, "no deployment yet: the minimum"
     assert sizing_of(options) == {
         "min_replicas": 1,
         "max_replicas": 1,
