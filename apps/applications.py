@@ -198,9 +198,12 @@ def compose_args(deployed: DeployedArgs) -> dict[str, Any]:
 
 def compose_file(serve_config: Mapping[str, Any]) -> dict[str, Any]:
     """`compose_args` of a Serve config file's content (its `applications:`)."""
-    return compose_args(
-        {app["name"]: (app["import_path"], app.get("args") or {}) for app in serve_config["applications"]}
-    )
+    return compose_args(_by_name(serve_config["applications"]))
+
+
+def _by_name(applications: list[Mapping[str, Any]]) -> dict[str, tuple[str, Mapping[str, Any]]]:
+    """Serve `applications:` entries as the controller holds them: {name: (import path, args)}."""
+    return {app["name"]: (app["import_path"], app.get("args") or {}) for app in applications}
 
 
 def _only(where: str, args: Mapping[str, Any], allowed: set[str] | frozenset[str]) -> None:
@@ -291,12 +294,7 @@ async def app_statuses_async() -> dict[str, AppStatus]:
     from ray.serve._private.application_state import StatusOverview
     from ray.serve.generated.serve_pb2 import StatusOverview as StatusOverviewProto
 
-    try:
-        controller = _controller() if _controller_handle is not None else await asyncio.to_thread(_controller)
-        raw = await asyncio.wait_for(controller.list_serve_statuses.remote(), CONTROLLER_TIMEOUT_S)
-    except Exception:
-        _forget_controller()
-        raise
+    raw = await _ask_controller("list_serve_statuses")
     overviews = [StatusOverview.from_proto(StatusOverviewProto.FromString(item)) for item in raw]
     return {
         overview.name: AppStatus(str(overview.app_status.status.value), bool(overview.deployment_statuses))
@@ -325,15 +323,19 @@ def serving_args(
 
 def applications_of(args: Mapping[str, Any]) -> dict[str, tuple[str, Mapping[str, Any]]]:
     """`split_args` as the controller holds applications: {name: (import path, args)}."""
-    return {app["name"]: (app["import_path"], app["args"]) for app in split_args(args)}
+    return _by_name(split_args(args))
 
 
 async def deployed_args_async() -> dict[str, tuple[str, Mapping[str, Any]]]:
     """`deployed_args`, without blocking the event loop."""
+    return _as_deployed(await _ask_controller("get_app_configs"))
+
+
+async def _ask_controller(method: str) -> Any:
+    """The result of one of Serve's controller's methods, without blocking the event loop."""
     try:
         controller = _controller() if _controller_handle is not None else await asyncio.to_thread(_controller)
-        configs = await asyncio.wait_for(controller.get_app_configs.remote(), CONTROLLER_TIMEOUT_S)
+        return await asyncio.wait_for(getattr(controller, method).remote(), CONTROLLER_TIMEOUT_S)
     except Exception:
         _forget_controller()
         raise
-    return _as_deployed(configs)
