@@ -36,7 +36,7 @@ from ray import serve
 
 from apps.applications import deployment_name
 from apps.config import DEFAULT_BODY_TIMEOUT_S
-from tests.conftest import app_args, driver_handle, ray_serve_env, serve_app
+from tests.conftest import app_args, driver_handle, ray_serve_env, replica_log_lines, serve_app
 
 PORT = 18810
 STALLED_SENDERS = 1100
@@ -272,12 +272,12 @@ def test_malformed_http_gets_a_clean_answer_and_the_next_client_is_served(gatewa
 
 
 def access_lines(model: str) -> list[dict[str, str]]:
-    lines = []
-    for path in glob.glob("/tmp/ray/session_latest/logs/serve/replica_llm_ingress_*.log"):
-        for line in Path(path).read_text(errors="replace").splitlines():
-            if " access " in line and f"model={model}" in line:
-                lines.append(dict(part.split("=", 1) for part in line.split(" access ", 1)[1].split()))
-    return lines
+    return [
+        dict(part.split("=", 1) for part in line.split(" access ", 1)[1].split())
+        for lines in replica_log_lines("ingress").values()
+        for line in lines
+        if " access " in line and f"model={model}" in line
+    ]
 
 
 def test_a_reader_that_stops_reading_is_cut_and_its_engine_request_aborted(gateway):
