@@ -26,7 +26,7 @@ import json
 import logging
 import math
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import (
@@ -36,6 +36,20 @@ from ray.serve.exceptions import (
 )
 
 JSON_MEDIA_TYPE = "application/json"
+# Error objects are OpenAI's, except on Anthropic's Messages endpoint (`apps.endpoints`).
+ErrorStyle = Literal["openai", "anthropic"]
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors).
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
 # The final status of a request whose client left before its answer was complete (nginx's).
 CLIENT_CLOSED_REQUEST = 499
 logger = logging.getLogger("ray.serve")
@@ -190,8 +204,10 @@ def retry_after_headers(seconds: float) -> dict[str, str]:
     return {"retry-after": str(math.ceil(seconds)), "retry-after-ms": str(math.ceil(seconds * 1000))}
 
 
-def error_body(error: GatewayError) -> dict[str, Any]:
-    """OpenAI's error object for `error`."""
+def error_body(error: GatewayError, style: ErrorStyle = "openai") -> dict[str, Any]:
+    """The error object for `error`: OpenAI's, or Anthropic's on its Messages endpoint."""
+    if style == "anthropic":
+        return {"type": "error", "error": {"type": anthropic_type(error.status), "message": error.message}}
     return {
         "error": {
             "message": error.message,
@@ -202,12 +218,22 @@ def error_body(error: GatewayError) -> dict[str, Any]:
     }
 
 
-def error_json(error: GatewayError) -> bytes:
-    return json.dumps(error_body(error)).encode()
+def anthropic_type(status: int) -> str:
+    """Anthropic's error `type` for an HTTP status (its API's table)."""
+    if status in ANTHROPIC_ERROR_TYPES:
+        return ANTHROPIC_ERROR_TYPES[status]
+    return "invalid_request_error" if status < 500 else "api_error"
 
 
-def error_event(error: GatewayError) -> bytes:
-    """The error as the last events of a stream whose 200 headers are already sent (vLLM's way)."""
+def error_json(error: GatewayError, style: ErrorStyle = "openai") -> bytes:
+    return json.dumps(error_body(error, style)).encode()
+
+
+def error_event(error: GatewayError, style: ErrorStyle = "openai") -> bytes:
+    """The error as the last events of a stream whose 200 headers are already sent: vLLM's way
+    (an error object, then `[DONE]`), or Anthropic's `error` event."""
+    if style == "anthropic":
+        return b"event: error\ndata: " + error_json(error, style) + b"\n\n"
     return b"data: " + error_json(error) + b"\n\ndata: [DONE]\n\n"
 
 

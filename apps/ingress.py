@@ -1,16 +1,19 @@
 """The OpenAI-compatible HTTP ingress: shape each request, route it by model, relay the answer.
 
-    POST /v1/chat/completions, POST /v1/completions   streaming (SSE) or not
+    POST /v1/chat/completions, /v1/completions,       streaming (SSE) or not
+         /v1/responses, /v1/messages (Anthropic's)
+    POST /tokenize, /detokenize                       a model's tokenizer
     GET  /v1/models                                   the served model ids
     GET  /health                                      200 only when every model has a live replica
                                                       (models that may scale to zero excepted)
 
-A request's way through `_forward`:
+Every POST endpoint is a row of `apps.endpoints.ENDPOINTS` and takes the same way, `_forward`:
 
     authenticate (401) -> read, parse (413, 400) -> may this key use the model (404, 403)
     -> named system prompt, volatile-prefix check, shape (400)
     -> reserve the key's request and tokens in the shared limiter (429)
-    -> wait for a slot of the model (503 when full, shed or out of time)
+    -> wait for a slot of the model (503 when full, shed or out of time; not for an endpoint
+       that generates nothing)
     -> call the model server: a replica accepts within the queue timeout (else 503
        engine_unavailable), its head comes within the time-to-first-token timeout (504); a call
        whose replica is lost before its head is sent again to another (`apps.failover`)
@@ -18,7 +21,8 @@ A request's way through `_forward`:
        continues on another replica (`apps.resume`)
 
 The status is known before the first byte (the model server's `ResponseHead`); after it, body
-bytes are relayed as they come, never parsed. Every error is OpenAI's error object, and every
+bytes are relayed as they come, never parsed. Every error is OpenAI's error object (Anthropic's
+on /v1/messages), and every
 answer to a rate-limited key from the reservation on (admitted, or refused with 429) carries
 its `x-ratelimit-*` headers. Every request leaves its metrics and an access-log line
 (`apps.telemetry`), whatever its outcome.
@@ -41,10 +45,11 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.schema import ReplicaState, ServeStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from apps.admission import ModelRoute, until
+from apps.admission import NO_GATE, ModelGate, ModelRoute, Ungated, until
 from apps.applications import deployment_name
 from apps.auth import Caller
 from apps.config import AppConfig
+from apps.endpoints import ENDPOINTS_BY_PATH, EndpointSpec, error_style
 from apps.errors import (
     DeadlineExceeded,
     EngineUnavailable,
@@ -72,7 +77,6 @@ from apps.resume import Resume, StreamIdentity
 from apps.streaming import SSE_MEDIA_TYPE, Accepted, RelayResponse, ResponseHead, StreamEnd
 from apps.telemetry import RequestRecord, RequestTelemetry, export_gauges, request_record
 from apps.validation import (
-    Endpoint,
     ShapedRequest,
     parse_body,
     read_body,
@@ -95,7 +99,7 @@ class ModelCall:
     and its resumes all need."""
 
     route: ModelRoute
-    endpoint: Endpoint
+    endpoint: EndpointSpec
     shaped: ShapedRequest
     caller: Caller
     reservation: str | None  # the rate limiter's, if the key is limited
@@ -109,7 +113,8 @@ app.add_middleware(RequestTelemetry)
 @app.exception_handler(GatewayError)
 async def _gateway_error(request: Request, error: GatewayError) -> JSONResponse:
     request_record(request).reason = error.code
-    return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
+    body = error_body(error, error_style(request.url.path))
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -158,13 +163,13 @@ class Ingress:
         visible = [model for model in live.model_list if caller.may_use(model["id"])]
         return JSONResponse({"object": "list", "data": visible})
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._forward(request, "chat")
+    async def serve_endpoint(self, request: Request) -> Response:
+        """Every POST endpoint of `apps.endpoints`, by its path."""
+        return await self._forward(request, ENDPOINTS_BY_PATH[request.url.path])
 
-    @app.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        return await self._forward(request, "completion")
+    for _path in ENDPOINTS_BY_PATH:
+        serve_endpoint = app.post(_path)(serve_endpoint)
+    del _path
 
     @app.get("/health")
     async def health(self) -> Response:
@@ -202,7 +207,7 @@ class Ingress:
         deployment = application.deployments.get(name) if application else None
         return deployment.replica_states.get(ReplicaState.RUNNING, 0) if deployment else 0
 
-    async def _forward(self, request: Request, endpoint: Endpoint) -> Response:
+    async def _forward(self, request: Request, endpoint: EndpointSpec) -> Response:
         record = request_record(request)
         live = self._live  # one snapshot of the settings for the whole request
         caller = live.keys.authenticate(request.headers.get("authorization"))
@@ -214,9 +219,9 @@ class Ingress:
         live.keys.authorize(caller, model_id, live.routes)
         record.model = model_id  # a served model: metric labels stay bounded
         route = live.routes[model_id]
-        body = apply_system_prompt(body, endpoint, model_id, route.config.system_prompts)
-        live.prefix_watches[model_id].check(body, endpoint)
-        shaped = shape_request(body, endpoint, model_id, route.config.limits)
+        body = apply_system_prompt(body, endpoint.name, model_id, route.config.system_prompts)
+        live.prefix_watches[model_id].check(body, endpoint.name)
+        shaped = shape_request(body, endpoint.name, model_id, route.config.limits)
         headers = {"x-max-tokens-clamped": str(shaped.max_tokens)} if shaped.clamped else {}
         reservation = None
         if caller.rate_limited:
@@ -261,8 +266,9 @@ class Ingress:
         head_due, total_due = route.deadlines(record.arrived, record.stream)
         loop = asyncio.get_running_loop()
         queued = loop.time()
+        gate = route.gate if call.endpoint.generates else NO_GATE  # tokenize takes no engine slot
         try:
-            await route.gate.acquire(call.caller.priority, head_due)
+            await gate.acquire(call.caller.priority, head_due)
         except BaseException:
             record.queue_wait_s = loop.time() - queued
             self._settle(call.reservation, used_tokens=0)  # never reached an engine
@@ -271,11 +277,11 @@ class Ingress:
         try:
             stream, head, replica = await self._call_model(call)
         except BaseException:
-            route.gate.release()
+            gate.release()
             raise
         record.usage, record.reason = head.usage, head.code
         if head.media_type != SSE_MEDIA_TYPE:
-            route.gate.release()
+            gate.release()
             return Response(
                 head.body, status_code=head.status, media_type=head.media_type, headers=headers
             )
@@ -288,9 +294,10 @@ class Ingress:
             call.shaped.model_id,
             headers=headers,
             deadline=total_due,
-            on_close=lambda end: self._stream_closed(route, call.reservation, record, end),
+            on_close=lambda end: self._stream_closed(gate, call.reservation, record, end),
             token_ids=head.token_ids,
             resume=resume,
+            errors=call.endpoint.errors,
         )
 
     async def _resume(
@@ -351,7 +358,7 @@ class Ingress:
             if head_due is not None:
                 accept_due = min(accept_due, head_due)
             stream = route.stream.generate.remote(
-                call.endpoint,
+                call.endpoint.name,
                 shaped.body,
                 reservation,
                 call.caller.name,
@@ -445,9 +452,9 @@ class Ingress:
         )
 
     def _stream_closed(
-        self, route: ModelRoute, reservation: str | None, record: RequestRecord, end: StreamEnd
+        self, gate: ModelGate | Ungated, reservation: str | None, record: RequestRecord, end: StreamEnd
     ) -> None:
-        route.gate.release()
+        gate.release()
         record.usage = end.usage or record.usage
         if not end.completed:
             record.end_status, record.reason = end.status, end.code

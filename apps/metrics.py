@@ -47,8 +47,8 @@ class IngressMetrics:
         self.requests = metrics.Counter(
             "gateway_requests",
             "Requests by final status (499: the client left; a stream ended by an error event "
-            "counts as that error's status).",
-            tag_keys=(*MODEL_KEY, "status"),
+            "counts as that error's status), by endpoint (`apps.endpoints`; `-`: other paths).",
+            tag_keys=(*MODEL_KEY, "status", "endpoint"),
         )
         self.rejections = metrics.Counter(
             "gateway_rejections",

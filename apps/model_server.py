@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import importlib
 import logging
 import logging.handlers
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -28,10 +29,12 @@ from ray.serve.handle import DeploymentHandle
 
 from apps.applications import GATEWAY_APP, LIMITER_DEPLOYMENT
 from apps.config import ModelConfig
+from apps.endpoints import ENDPOINTS, Endpoint, EndpointSpec
 from apps.engine_args import engine_args
 from apps.errors import (
     JSON_MEDIA_TYPE,
     EngineUnavailable,
+    ErrorStyle,
     GatewayError,
     InternalError,
     InvalidRequest,
@@ -57,7 +60,6 @@ from apps.streaming import (
     translate_error_events,
 )
 from apps.usage import MeteredEngine, Usage, start_usage
-from apps.validation import Endpoint
 from apps.warmup import warm_up
 
 logger = logging.getLogger("ray.serve")
@@ -85,10 +87,6 @@ class ModelServer:
         from starlette.datastructures import State
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.entrypoints.launchers.cli_args import FrontendArgs
-        from vllm.entrypoints.openai.chat_completion.protocol import (
-            ChatCompletionRequest,
-        )
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.executor.abstract import Executor
@@ -131,13 +129,11 @@ class ModelServer:
             frontend,
             supported_tasks=await self._engine.get_supported_tasks(),
         )
-        self._serving = {"chat": state.openai_serving_chat, "completion": state.openai_serving_completion}
-        self._request_types: dict[Endpoint, type[BaseModel]] = {
-            "chat": ChatCompletionRequest,
-            "completion": CompletionRequest,
-        }
+        # vLLM's serving object of each endpoint; None where this model's task has none.
+        self._serving = {name: getattr(state, spec.serving, None) for name, spec in ENDPOINTS.items()}
+        self._tasks = await self._engine.get_supported_tasks()
         restore_serve_logging()
-        await warm_up(model, self._serving, self._request_types)
+        await warm_up(model, self._call_vllm)
         self._first_request_logged = False
         self._open_streams = 0
         replica_id = serve.get_replica_context().replica_id.unique_id
@@ -204,6 +200,7 @@ class ModelServer:
         usage: Usage,
         resume: Resume | None,
     ) -> AsyncIterator[ResponseHead | bytes | TokenChunk | LastChunk]:
+        spec = ENDPOINTS[endpoint]
         try:
             result = await self._start(endpoint, body)
         except GatewayError as error:
@@ -211,18 +208,20 @@ class ModelServer:
                 settle.abandon()  # the ingress tries another replica with this reservation
             else:
                 await settle.wait()
-            yield error_head(error, usage)
+            yield error_head(error, usage, spec.errors)
             return
         if isinstance(result, BaseModel):
             await settle.wait()
-            yield ResponseHead(200, JSON_MEDIA_TYPE, result.model_dump_json().encode(), usage)
+            answer = result.model_dump_json(**spec.json_options).encode()
+            yield ResponseHead(200, JSON_MEDIA_TYPE, answer, usage)
             return
+        result = _server_sent_events(result)
         if resume is not None:
             # The engine call was made in _start: the usage holds the original prompt's length.
             rewriter = ResumedEvents(resume.identity, usage.prompt_tokens, len(resume.token_ids))
             result = rewriter.events(result)
         self._open_streams += 1
-        stream = self._stream(result, settle, usage, resume)
+        stream = self._stream(result, settle, usage, resume, spec.errors)
         try:
             async for item in stream:
                 yield item
@@ -231,9 +230,15 @@ class ModelServer:
             await stream.aclose()  # however this call ends, the engine request ends with it
 
     async def _stream(
-        self, events: AsyncIterator[str], settle: _Settlement, usage: Usage, resume: Resume | None
+        self,
+        events: AsyncIterator[str],
+        settle: _Settlement,
+        usage: Usage,
+        resume: Resume | None,
+        errors: ErrorStyle,
     ) -> AsyncIterator[ResponseHead | bytes | TokenChunk | LastChunk]:
-        """A stream's head and messages. With `usage.output_token_ids` kept (a resumable
+        """A stream's head and messages, the last a `LastChunk` (with `[DONE]`, or, for the
+        streams that have none, empty). With `usage.output_token_ids` kept (a resumable
         stream), each message carries the ids of its tokens."""
         ids = usage.output_token_ids
         chunks = coalesce(
@@ -246,13 +251,13 @@ class ModelServer:
                 failure = self._engine_failure(exc)
                 if is_replica_lost(failure):
                     settle.abandon()
-                yield error_head(failure, usage)
+                yield error_head(failure, usage, errors)
                 return
             # vLLM reports failures inside the stream; before the first byte they get a status.
             error = first_event_error(first)
             if error is not None:
                 await settle.wait()
-                yield error_head(error, usage)
+                yield error_head(error, usage, errors)
                 return
             if first.endswith(DONE_EVENT):  # the whole stream in one message
                 await settle.wait()
@@ -275,6 +280,7 @@ class ModelServer:
                     if chunk.endswith(DONE_EVENT):
                         await settle.wait()
                         yield LastChunk(translate_error_events(chunk), usage)
+                        return
                     elif ids is None:
                         yield translate_error_events(chunk)
                     else:
@@ -284,7 +290,11 @@ class ModelServer:
                 failure = self._engine_failure(exc)
                 if ids is not None and is_replica_lost(failure):
                     settle.abandon()  # the ingress resumes the stream elsewhere, or charges it
-                yield LastChunk(error_event(failure), usage, failure.status, failure.code)
+                yield LastChunk(error_event(failure, errors), usage, failure.status, failure.code)
+                return
+            # The Responses and Messages streams end without `[DONE]`.
+            await settle.wait()
+            yield LastChunk(b"", usage)
         finally:
             await chunks.aclose()
 
@@ -299,19 +309,22 @@ class ModelServer:
         if self._engine.errored:
             raise self._engine_failure(self._engine.dead_error)
         serving = self._serving[endpoint]
-        request_type = self._request_types[endpoint]
-        body = _known_fields(body, request_type)
+        if serving is None:
+            raise InvalidRequest(
+                f"Model {self._model.id} does not serve {ENDPOINTS[endpoint].path}: its tasks are "
+                f"{', '.join(self._tasks)}.",
+                param="model",
+                code="unsupported_endpoint",
+            )
         try:
-            request = request_type.model_validate(body)
-            if endpoint == "chat":
-                result = await serving.create_chat_completion(request)
-            else:
-                result = await serving.create_completion(request)
+            result = await self._call_vllm(endpoint, body)
         except ValidationError as exc:
             raise _invalid_request(exc) from None
         except EngineDeadError as exc:
             # Serve's health check replaces this replica shortly; the client may retry.
             raise self._engine_failure(exc) from None
+        except GatewayError:
+            raise
         except Exception as exc:
             # vLLM's own mapping: its validators raise VLLMValidationError (not a pydantic
             # error), unsupported features NotImplementedError, overload GracefulHTTPError.
@@ -326,6 +339,16 @@ class ModelServer:
                 logger.error("Model %s answered %s: %s", self._model.id, info.code, info.message)
             raise engine_error(info.code, info.message, info.param)
         return result
+
+    async def _call_vllm(self, endpoint: Endpoint, body: dict[str, Any]) -> Any:
+        """One request through vLLM's serving object of `endpoint` (`apps.endpoints`): its
+        answer (a response model, a stream, or vLLM's ErrorResponse). Raises pydantic's
+        ValidationError for a body vLLM's protocol model refuses."""
+        spec = ENDPOINTS[endpoint]
+        request_type = _request_type(spec, body)
+        request = request_type.model_validate(_known_fields(body, request_type))
+        # vLLM's methods take the HTTP request too, for its headers; there is none here.
+        return await getattr(self._serving[endpoint], spec.method)(request, None)
 
     def _engine_failure(self, exc: Exception) -> GatewayError:
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -351,6 +374,17 @@ class ModelServer:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+async def _server_sent_events(stream: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """vLLM's stream as SSE text: chat, completions and Messages yield it already; the
+    Responses API yields event objects, written as vLLM's own router writes them."""
+    async for event in stream:
+        if isinstance(event, str):
+            yield event
+        else:
+            data = event.model_dump_json(indent=None, by_alias=True)
+            yield f"event: {getattr(event, 'type', 'unknown')}\ndata: {data}\n\n"
 
 
 def _limiter() -> DeploymentHandle:
@@ -410,15 +444,30 @@ class _Settlement:
 
 
 def _known_fields(body: dict[str, Any], request_type: type[BaseModel]) -> dict[str, Any]:
-    """`body` without the ignorable OpenAI fields; 400 for any other field vLLM does not know."""
-    unknown = sorted(body.keys() - _field_names(request_type) - IGNORED_OPENAI_FIELDS)
+    """`body` without the ignorable OpenAI fields (unless vLLM's model has them: the Responses
+    API's `store`); 400 for any other field vLLM does not know."""
+    known = _field_names(request_type)
+    unknown = sorted(body.keys() - known - IGNORED_OPENAI_FIELDS)
     if unknown:
         raise InvalidRequest(
             f"Unrecognized request argument supplied: {unknown[0]}",
             param=unknown[0],
             code="unknown_parameter",
         )
-    return {name: value for name, value in body.items() if name not in IGNORED_OPENAI_FIELDS}
+    return {name: value for name, value in body.items() if name in known}
+
+
+@functools.cache
+def _protocol_model(path: str) -> type[BaseModel]:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _request_type(spec: EndpointSpec, body: Mapping[str, Any]) -> type[BaseModel]:
+    """The endpoint's vLLM protocol model for `body`: of two (tokenize's), the second takes a
+    conversation (`messages`)."""
+    chosen = spec.request_types[-1] if len(spec.request_types) > 1 and "messages" in body else spec.request_types[0]
+    return _protocol_model(chosen)
 
 
 @functools.cache

@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from apps.endpoints import ENDPOINTS, Endpoint
 from apps.errors import InvalidRequest
-from apps.validation import Endpoint, completion_prompts, message_text
+from apps.validation import completion_prompts, message_text
 
 logger = logging.getLogger("ray.serve")
 SYSTEM_PROMPT_FIELD = "system_prompt"
@@ -82,14 +83,14 @@ def apply_system_prompt(
 
 
 def prompt_start(body: Mapping[str, Any], endpoint: Endpoint) -> str:
-    """The start of a request's prompt that should be the same across requests: a chat's
-    leading system messages, a completion prompt's first characters."""
-    if endpoint == "completion":
+    """The start of a request's prompt that should be the same across requests: a
+    conversation's leading system messages, a completion prompt's first characters."""
+    messages = ENDPOINTS[endpoint].conversation(body)
+    if messages is None:
         first = completion_prompts(body.get("prompt"))[0]
         return first[:COMPLETION_SCAN_CHARS] if isinstance(first, str) else ""
-    messages = body.get("messages")
     parts: list[str] = []
-    for message in messages if isinstance(messages, list) else []:
+    for message in messages:
         if _role(message) not in SYSTEM_ROLES:
             break
         parts.append(message_text(message.get("content")))

@@ -27,7 +27,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from apps.validation import Endpoint, completion_prompts
+from apps.endpoints import ENDPOINTS, Endpoint
+from apps.validation import completion_prompts
 
 # Resumes of one stream before the ingress gives up and ends it with an error event.
 MAX_RESUMES = 2
@@ -57,6 +58,8 @@ def resume_refusal(endpoint: Endpoint, body: Mapping[str, Any]) -> str | None:
     """Why this request's stream cannot be resumed exactly on another replica; None if it can."""
     if body.get("stream") is not True:
         return "not a stream"
+    if not ENDPOINTS[endpoint].resumable:
+        return f"a {endpoint} stream"
     if (body.get("n") or 1) != 1 or body.get("best_of") not in (None, 1):
         return "several choices"
     if endpoint == "completion" and len(completion_prompts(body.get("prompt"))) != 1:

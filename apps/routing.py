@@ -31,6 +31,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from apps.endpoints import ENDPOINTS
 from apps.validation import completion_prompts, message_text
 
 # The prompt's start that must be identical for two requests to share a replica: about 128
@@ -39,8 +40,8 @@ DEFAULT_PREFIX_CHARS = 512
 # How much busier than the least loaded replica the preferred one may be, as a share of a
 # replica's max_ongoing_requests, before the least loaded wins.
 DEFAULT_MAX_IMBALANCE = 0.25
-# The body is the second argument of `ModelServer.generate(endpoint, body, ...)`.
-BODY_ARG = 1
+# `ModelServer.generate(endpoint, body, ...)`'s first two arguments.
+ENDPOINT_ARG, BODY_ARG = 0, 1
 # `ModelServer.generate`'s keyword argument naming replicas this request must not go back to.
 AVOID_KWARG = "avoid_replicas"
 # `ModelServer.generate`'s keyword argument carrying the model's routing knobs (`RoutingKnobs`).
@@ -121,20 +122,25 @@ def rank_by_prefix(prefix: str, replicas: list[RunningReplica]) -> list[RunningR
 
 
 def prompt_prefix(request: PendingRequest, chars: int) -> str:
-    """The first `chars` characters of a request's prompt: a chat's messages in order (role and
-    text), or a completion's prompt; "" when there is none (token ids, no body)."""
+    """The first `chars` characters of a request's prompt: a conversation's messages in order
+    (role and text), or a completion's prompt; "" when there is none (token ids, no body)."""
     args = request.args
+    endpoint = args[ENDPOINT_ARG] if len(args) > ENDPOINT_ARG else request.kwargs.get("endpoint")
     body = args[BODY_ARG] if len(args) > BODY_ARG else request.kwargs.get("body")
-    return prompt_text(body, chars) if isinstance(body, dict) else ""
+    if endpoint not in ENDPOINTS or not isinstance(body, dict):
+        return ""
+    return prompt_text(body, chars, ENDPOINTS[endpoint].conversation(body))
 
 
-def prompt_text(body: dict[str, Any], chars: int) -> str:
-    prompt = completion_prompts(body.get("prompt"))[0]
-    if isinstance(prompt, str):
-        return prompt[:chars]
+def prompt_text(body: dict[str, Any], chars: int, messages: list[Any] | None) -> str:
+    """The first `chars` characters of `messages` (role and text each), or with none, of the
+    body's (first) prompt."""
+    if messages is None:
+        prompt = completion_prompts(body.get("prompt"))[0]
+        return prompt[:chars] if isinstance(prompt, str) else ""
     parts: list[str] = []
     size = 0
-    for message in body.get("messages") or []:
+    for message in messages:
         if size >= chars or not isinstance(message, dict):
             break
         text = f"{message.get('role')}:{message_text(message.get('content'))}\n"

@@ -32,6 +32,7 @@ from apps.errors import (
     JSON_MEDIA_TYPE,
     DeadlineExceeded,
     EngineUnavailable,
+    ErrorStyle,
     GatewayError,
     engine_error,
     error_event,
@@ -106,9 +107,11 @@ class StreamEnd:
         return self.status == 200
 
 
-def error_head(error: GatewayError, usage: Usage | None = None) -> ResponseHead:
-    """A whole error response: the status and OpenAI's error body."""
-    return ResponseHead(error.status, JSON_MEDIA_TYPE, error_json(error), usage, error.code)
+def error_head(
+    error: GatewayError, usage: Usage | None = None, style: ErrorStyle = "openai"
+) -> ResponseHead:
+    """A whole error response: the status and the error body (OpenAI's, or Anthropic's)."""
+    return ResponseHead(error.status, JSON_MEDIA_TYPE, error_json(error, style), usage, error.code)
 
 
 def first_event_error(chunk: bytes) -> GatewayError | None:
@@ -234,6 +237,7 @@ class RelayResponse(StreamingResponse):
         token_ids: tuple[int, ...] = (),
         resume: Callable[[tuple[int, ...]], Awaitable[tuple[DeploymentResponseGenerator, ResponseHead]]]
         | None = None,
+        errors: ErrorStyle = "openai",
     ) -> None:
         super().__init__(
             self._relay(first), media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS | dict(headers)
@@ -244,6 +248,7 @@ class RelayResponse(StreamingResponse):
         self._on_close = on_close
         self._token_ids = list(token_ids)
         self._resume = resume
+        self._errors = errors  # how a failure's event is written (`apps.errors.error_event`)
         self._finished = False  # the model's stream ended (cleanly or not): nothing to cancel
         self._timed_out = False
         self._end: StreamEnd | None = None  # how the model's stream ended, once it has
@@ -304,7 +309,7 @@ class RelayResponse(StreamingResponse):
                 else:
                     error = model_call_error(self._model_id, failure)
                 end = StreamEnd(error.status, error.code)
-                yield error_event(error)
+                yield error_event(error, self._errors)
                 break
         self._finished = True
         self._end = end

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from apps.endpoints import ENDPOINTS_BY_PATH
 from apps.errors import CLIENT_CLOSED_REQUEST
 from apps.metrics import NO_MODEL, UNAUTHENTICATED, ingress_metrics
 from apps.usage import Usage
 
 logger = logging.getLogger("ray.serve")
 RECORD_SCOPE_KEY = "gateway.request_record"
+NO_ENDPOINT = "-"  # /health, /v1/models, unknown paths
 REQUEST_ID_HEADER = b"x-request-id"
 MAX_LOGGED_ID_CHARS = 128
 # Ray drops a gauge's series some seconds after its last `set`, so gauges are set again
@@ -43,6 +45,7 @@ class RequestRecord:
 
     request_id: str
     arrived: float
+    endpoint: str = NO_ENDPOINT  # a row of `apps.endpoints` (a bounded metric label)
     model: str = NO_MODEL
     key: str = UNAUTHENTICATED
     stream: bool = False
@@ -93,6 +96,9 @@ class RequestTelemetry:
             return
         loop = asyncio.get_running_loop()
         record = RequestRecord(request_id=_request_id(scope), arrived=loop.time())
+        spec = ENDPOINTS_BY_PATH.get(scope.get("path", ""))
+        if spec is not None:
+            record.endpoint = spec.name
         scope[RECORD_SCOPE_KEY] = record
 
         async def timed_send(message: Message) -> None:
@@ -126,7 +132,7 @@ class RequestTelemetry:
 
     def _record_metrics(self, record: RequestRecord) -> None:
         metrics, tags = self.metrics, _tags(record)
-        metrics.requests.inc(tags=tags | {"status": str(record.final_status)})
+        metrics.requests.inc(tags=tags | {"status": str(record.final_status), "endpoint": record.endpoint})
         if record.reason is not None:
             metrics.rejections.inc(tags=tags | {"reason": record.reason})
         if record.queue_wait_s is not None:
@@ -167,6 +173,7 @@ def access_line(record: RequestRecord) -> str:
 
     fields = {
         "request_id": record.request_id[:MAX_LOGGED_ID_CHARS] or "-",
+        "endpoint": record.endpoint,
         "model": record.model,
         "key": record.key,
         "status": record.final_status,

@@ -1,10 +1,11 @@
 """Request shaping at the ingress: read and parse the body, apply the model's limits, estimate
 the request's token cost. Every check the gateway itself decides on is here:
 
-    body size (413), JSON (400), `model` (400), `stream`, max_tokens default and cap (400, or
-    clamped), `n` cap, number of `stop` sequences
+    body size (413), JSON (400), `model` (400), `stream`, the output cap's default and cap (400,
+    or clamped), `n` cap, number of stop sequences, and each endpoint's own rule (chat roles,
+    `best_of`, stored responses: `apps.endpoints`)
 
-Everything else (messages, roles, sampling parameters) is validated by vLLM's own protocol models
+Everything else (messages, sampling parameters) is validated by vLLM's own protocol models
 in the model server, and its 4xx answers are passed on unchanged in status and message; the exact
 prompt-length cap is checked there too, on the real token count (`apps.model_server`).
 """
@@ -16,22 +17,14 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
 from apps.config import RequestLimits
+from apps.endpoints import ENDPOINTS, Endpoint, EndpointSpec
 from apps.errors import BodyTimeout, ClientClosed, InvalidRequest, PayloadTooLarge
 
-Endpoint = Literal["chat", "completion"]
-# Chat accepts OpenAI's newer name too; both mean the same limit.
-MAX_TOKENS_FIELDS: dict[Endpoint, tuple[str, ...]] = {
-    "chat": ("max_completion_tokens", "max_tokens"),
-    "completion": ("max_tokens",),
-}
-
-
-CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # A cheap prompt-token estimate for the rate-limit reservation; the engine's real count settles it.
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4  # role markers and separators of a chat template
@@ -109,33 +102,34 @@ def requested_model(body: Mapping[str, Any]) -> str:
 def shape_request(
     body: dict[str, Any], endpoint: Endpoint, model_id: str, limits: RequestLimits
 ) -> ShapedRequest:
-    """Check the fields the gateway decides on and fill in the model's default max_tokens."""
+    """Check the fields the gateway decides on (with the endpoint's own rule, `apps.endpoints`)
+    and fill in the model's default output cap."""
+    spec = ENDPOINTS[endpoint]
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest(f"`stream` must be a boolean. Given: {stream!r}", param="stream")
-    if endpoint == "chat":
-        _check_messages(body.get("messages"))
+    body = spec.rule(body)
     if body.get("use_beam_search"):
         # vLLM's beam search runs one engine request per step: neither the token accounting nor
         # the prompt cap can follow it.
         raise InvalidRequest(
             "Beam search is not supported here.", param="use_beam_search", code="unsupported_parameter"
         )
-    choices = _choices(body, limits.max_n)
-    _check_stop(body.get("stop"), limits.max_stop_sequences)
-
-    max_tokens, clamped = _max_tokens(body, endpoint, model_id, limits)
-    shaped = dict(body)
-    for field in MAX_TOKENS_FIELDS[endpoint]:
-        shaped.pop(field, None)
-    shaped["max_tokens"] = max_tokens
-    reserved = prompt_estimate(body, endpoint) + _prompt_count(body, endpoint) * choices * max_tokens
+    if spec.stop_field is not None:
+        _check_stop(body.get(spec.stop_field), limits.max_stop_sequences, spec.stop_field)
+    if spec.output_field is None:  # generates nothing: no output cap, no tokens reserved
+        return ShapedRequest(model_id, body, 0, False, 0)
+    choices = _choices(body, limits.max_n) if spec.choices else 1
+    max_tokens, clamped = _max_tokens(body, spec, model_id, limits)
+    shaped = {name: value for name, value in body.items() if name not in spec.max_tokens_fields}
+    shaped[spec.output_field] = max_tokens
+    reserved = prompt_estimate(body, endpoint) + _prompt_count(body, spec) * choices * max_tokens
     return ShapedRequest(model_id, shaped, max_tokens, clamped, reserved)
 
 
-def _prompt_count(body: Mapping[str, Any], endpoint: Endpoint) -> int:
+def _prompt_count(body: Mapping[str, Any], spec: EndpointSpec) -> int:
     """Prompts in one request: a completion may batch several, each with its own n choices."""
-    if endpoint == "chat":
+    if spec.conversation(body) is not None:
         return 1
     return len(completion_prompts(body.get("prompt")))
 
@@ -150,10 +144,8 @@ def completion_prompts(prompt: Any) -> list[Any]:
 def prompt_estimate(body: Mapping[str, Any], endpoint: Endpoint) -> int:
     """Prompt tokens, estimated from characters (token ids count as they are). Only for the
     rate-limit reservation: a wrong estimate is corrected when the request is settled."""
-    if endpoint == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            return 0
+    messages = ENDPOINTS[endpoint].conversation(body)
+    if messages is not None:
         chars = sum(len(message_text(m.get("content"))) for m in messages if isinstance(m, dict))
         return math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages)
     total = 0
@@ -176,22 +168,6 @@ def message_text(content: Any) -> str:
     return ""
 
 
-def _check_messages(messages: Any) -> None:
-    """A non-empty list of objects with one of OpenAI's roles (vLLM would pass any role string to
-    the chat template, which renders a prompt the model was never trained on)."""
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("`messages` must be a non-empty list.", param="messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InvalidRequest(f"`messages[{i}]` must be an object.", param=f"messages.{i}")
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise InvalidRequest(
-                f"`messages[{i}].role` must be one of {sorted(CHAT_ROLES)}. Given: {role!r}",
-                param=f"messages.{i}.role",
-            )
-
-
 def _choices(body: Mapping[str, Any], cap: int) -> int:
     """`n`: absent is 1, else a positive integer up to the cap."""
     value = body.get("n")
@@ -204,30 +180,30 @@ def _choices(body: Mapping[str, Any], cap: int) -> int:
     return value
 
 
-def _check_stop(stop: Any, cap: int) -> None:
+def _check_stop(stop: Any, cap: int, name: str) -> None:
     if stop is None or isinstance(stop, str):
         return
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise InvalidRequest(
-            "`stop` must be a string or a list of strings.", param="stop", code="invalid_stop"
+            f"`{name}` must be a string or a list of strings.", param=name, code="invalid_stop"
         )
     if len(stop) > cap:
         raise InvalidRequest(
-            f"`stop` may hold at most {cap} sequences. Given: {len(stop)}",
-            param="stop",
+            f"`{name}` may hold at most {cap} sequences. Given: {len(stop)}",
+            param=name,
             code="too_many_stop_sequences",
         )
 
 
 def _max_tokens(
-    body: Mapping[str, Any], endpoint: Endpoint, model_id: str, limits: RequestLimits
+    body: Mapping[str, Any], spec: EndpointSpec, model_id: str, limits: RequestLimits
 ) -> tuple[int, bool]:
-    """The request's max_tokens and whether it was clamped to the cap."""
-    given = {f: body[f] for f in MAX_TOKENS_FIELDS[endpoint] if body.get(f) is not None}
+    """The request's output cap and whether it was clamped to the model's cap."""
+    given = {f: body[f] for f in spec.max_tokens_fields if body.get(f) is not None}
     if len(set(map(repr, given.values()))) > 1:
+        first, second = given
         raise InvalidRequest(
-            f"`max_completion_tokens` and `max_tokens` disagree ({given}): send one of them.",
-            param="max_completion_tokens",
+            f"`{first}` and `{second}` disagree ({given}): send one of them.", param=first
         )
     if not given:
         return limits.default_max_tokens, False

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from apps.config import ModelConfig, WarmupPrompt
@@ -35,21 +35,23 @@ class WarmupFailed(RuntimeError):
     """A warm-up request failed; the replica must not serve."""
 
 
-async def warm_up(model: ModelConfig, serving: Mapping[str, Any], request_types: Mapping[str, Any]) -> None:
+# A model server's call of one request through vLLM's serving layer (`ModelServer._call_vllm`).
+VllmCall = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+async def warm_up(model: ModelConfig, call: VllmCall) -> None:
     """Run the built-in request, then every hot prompt `repeat` times, through vLLM's serving
     layer (so chat templates are exercised as clients will). Raises `WarmupFailed`."""
     if not model.warmup.enabled:
         return
     started = time.monotonic()
-    first_s = await _run(
-        model, serving, request_types, BUILT_IN, BUILT_IN_MAX_TOKENS, "built-in", BUILT_IN_EXTRA
-    )
+    first_s = await _run(model, call, BUILT_IN, BUILT_IN_MAX_TOKENS, "built-in", BUILT_IN_EXTRA)
     hot = {f"#{index}": prompt for index, prompt in enumerate(model.warmup.prompts)}
     for name, text in model.system_prompts.items():
         hot[f"`{name}` (system prompt)"] = WarmupPrompt(messages=[{"role": "system", "content": text}])
     for _ in range(model.warmup.repeat):
         for label, prompt in hot.items():
-            await _run(model, serving, request_types, prompt, HOT_PROMPT_MAX_TOKENS, label)
+            await _run(model, call, prompt, HOT_PROMPT_MAX_TOKENS, label)
     count = 1 + model.warmup.repeat * len(hot)
     logger.info(
         "Model %s warmed up: %d requests in %.2fs; the first (a cold engine's) took %.0f ms.",
@@ -62,8 +64,7 @@ async def warm_up(model: ModelConfig, serving: Mapping[str, Any], request_types:
 
 async def _run(
     model: ModelConfig,
-    serving: Mapping[str, Any],
-    request_types: Mapping[str, Any],
+    call: VllmCall,
     prompt: WarmupPrompt,
     max_tokens: int,
     label: str,
@@ -80,11 +81,7 @@ async def _run(
         body["prompt"] = prompt.prompt
     started = time.monotonic()
     try:
-        request = request_types[endpoint].model_validate(body)
-        if endpoint == "chat":
-            result = await serving[endpoint].create_chat_completion(request)
-        else:
-            result = await serving[endpoint].create_completion(request)
+        result = await call(endpoint, body)
     except Exception as exc:
         raise WarmupFailed(f"Warm-up prompt {label} of model {model.id} failed: {exc!r}") from exc
     if isinstance(result, ErrorResponse):

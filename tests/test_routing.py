@@ -70,19 +70,32 @@ def choose(instance: PrefixAffinityRouter, request: FakePending) -> list[list[Fa
 
 def test_a_chat_is_routed_by_its_messages_in_order():
     body = {"messages": [{"role": "system", "content": "S" * 10}, {"role": "user", "content": [{"type": "text", "text": "U"}]}]}
-    assert prompt_text(body, 100) == "system:" + "S" * 10 + "\nuser:U\n"
-    assert prompt_text(body, 5) == "syste"
+    assert prompt_text(body, 100, body["messages"]) == "system:" + "S" * 10 + "\nuser:U\n"
+    assert prompt_text(body, 5, body["messages"]) == "syste"
 
 
 def test_a_completion_is_routed_by_its_prompt():
-    assert prompt_text({"prompt": "abcdef"}, 3) == "abc"
-    assert prompt_text({"prompt": ["first", "second"]}, 100) == "first"
-    assert prompt_text({"prompt": [1, 2, 3]}, 100) == ""
+    assert prompt_text({"prompt": "abcdef"}, 3, None) == "abc"
+    assert prompt_text({"prompt": ["first", "second"]}, 100, None) == "first"
+    assert prompt_text({"prompt": [1, 2, 3]}, 100, None) == ""
+
+
+def test_responses_and_messages_are_routed_by_their_turns_like_a_chat():
+    """The same conversation reaches the same prefix through every endpoint that carries one."""
+    responses = {"instructions": "Be brief.", "input": [{"role": "user", "content": "Hi"}]}
+    messages = {"system": "Be brief.", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}
+    chat_body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+    expected = "system:Be brief.\nuser:Hi\n"
+    for endpoint, body in (("responses", responses), ("messages", messages), ("chat", chat_body)):
+        assert prompt_prefix(FakePending(args=[endpoint, body], kwargs={}), 100) == expected
+    text_input = {"input": "Hi"}
+    assert prompt_prefix(FakePending(args=["responses", text_input], kwargs={}), 100) == "user:Hi\n"
 
 
 def test_no_body_means_no_prefix():
     assert prompt_prefix(FakePending(args=["chat"], kwargs={}), 10) == ""
     assert prompt_prefix(FakePending(args=["chat", "not a dict"], kwargs={}), 10) == ""
+    assert prompt_prefix(FakePending(args=["no such endpoint", {"prompt": "p"}], kwargs={}), 10) == ""
 
 
 def test_the_ranking_is_a_function_of_prefix_and_replica_ids_only():

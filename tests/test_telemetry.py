@@ -64,6 +64,7 @@ def test_a_completed_stream_has_its_times_tokens_and_id(caplog):
     fields = dict(pair.split("=", 1) for pair in line.removeprefix("access ").split())
     assert fields | {"ttft_ms": "", "total_ms": ""} == {
         "request_id": "req-42",
+        "endpoint": "chat",
         "model": "m",
         "key": "team-a",
         "status": "200",
@@ -106,6 +107,6 @@ def test_the_final_status_is_how_the_answer_really_ended(status, end_status, fin
 def test_the_access_line_marks_what_is_unknown():
     record = RequestRecord(request_id="", arrived=1.0, status=429, reason="rate_limit_exceeded")
     assert access_line(record) == (
-        "access request_id=- model=- key=- status=429 reason=rate_limit_exceeded stream=false "
+        "access request_id=- endpoint=- model=- key=- status=429 reason=rate_limit_exceeded stream=false "
         "prompt_tokens=- completion_tokens=- queue_ms=- ttft_ms=- total_ms=-"
     )

@@ -17,22 +17,20 @@ REQUEST_TYPES = {"chat": ChatCompletionRequest, "completion": CompletionRequest}
 
 
 class FakeServing:
-    """Records each request; answers with an error from the `fail_at`-th on (1-based)."""
+    """Stands for `ModelServer._call_vllm`: validates each body with vLLM's protocol model and
+    records it; answers with an error from the `fail_at`-th on (1-based)."""
 
     def __init__(self, seen: list, fail_at: int | None = None) -> None:
         self.seen = seen
         self.fail_at = fail_at
 
-    async def _answer(self, request):
-        self.seen.append(request)
+    async def __call__(self, endpoint: str, body: dict):
+        self.seen.append(REQUEST_TYPES[endpoint].model_validate(body))
         if self.fail_at is not None and len(self.seen) >= self.fail_at:
             return ErrorResponse(
                 error=ErrorInfo(message="The prompt is too long.", type="BadRequestError", code=400)
             )
         return object()
-
-    create_chat_completion = _answer
-    create_completion = _answer
 
 
 def model(make_checkpoint, **fields) -> ModelConfig:
@@ -41,8 +39,7 @@ def model(make_checkpoint, **fields) -> ModelConfig:
 
 def run(config: ModelConfig, fail_at: int | None = None) -> list:
     seen: list = []
-    serving = FakeServing(seen, fail_at)
-    asyncio.run(warm_up(config, {"chat": serving, "completion": serving}, REQUEST_TYPES))
+    asyncio.run(warm_up(config, FakeServing(seen, fail_at)))
     return seen
 
 
