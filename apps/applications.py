@@ -53,7 +53,7 @@ LIMITER_DEPLOYMENT = "rate-limiter"
 GATEWAY_INGRESS_FIELDS = frozenset(
     {"num_replicas", "num_cpus", "max_ongoing_requests", "drain_timeout_s"}
 )
-MODEL_APP_FIELDS = frozenset({"id", "path", "engine", "parallelism", "replicas", "warmup"})
+MODEL_APP_FIELDS = frozenset({"id", "path", "task", "engine", "parallelism", "replicas", "warmup"})
 MODEL_SETTINGS_FIELDS = frozenset({"id", "limits", "admission", "system_prompts", "routing", "replicas"})
 # A model's `replicas` fields that are live settings (`apps.replica_policy`); the others stay
 # with its application.

@@ -40,6 +40,11 @@ from apps.replica_policy import REPLICA_CEILING
 logger = logging.getLogger("ray.serve")
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_TOKENS_CAP = 512
+# Inputs per embeddings/score/rerank request (OpenAI allows 2048 per embeddings request; a replica
+# embeds them in one engine batch, so a smaller bound keeps one request from filling it).
+DEFAULT_MAX_INPUTS = 256
+# What a model's engine does (`ModelConfig.task`), and the endpoints it serves (`apps.endpoints`).
+ModelTask = Literal["generate", "embed"]
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 DEFAULT_MAX_NUM_SEQS = 64
 # Stream messages a model replica sends per engine step before tokens start to travel in groups.
@@ -344,6 +349,14 @@ class RequestLimits(StrictModel):
         ),
     )
     max_n: int = Field(default=4, ge=1, le=128, description="Largest `n`: choices per request.")
+    max_inputs: int = Field(
+        default=DEFAULT_MAX_INPUTS,
+        ge=1,
+        description=(
+            "Most inputs in one embeddings, score or rerank request (texts or token lists; a "
+            "rerank's query and documents). `max_prompt_tokens` caps each input's tokens."
+        ),
+    )
     max_stop_sequences: int = Field(
         default=4, ge=0, le=64, description="Most `stop` strings per request (OpenAI allows 4)."
     )
@@ -459,6 +472,15 @@ class ModelConfig(StrictModel):
         description="The name clients send as `model`."
     )
     path: str = Field(description="Local checkpoint directory (relative paths: to the working dir).")
+    task: ModelTask = Field(
+        default="generate",
+        description=(
+            "What the engine does. `generate`: chat, completions, Responses, Messages. `embed`: "
+            "embeddings, and score/rerank by their cosine similarity (a causal checkpoint is "
+            "converted: vLLM's pooling runner). Both serve tokenize/detokenize. Shapes the "
+            "engine: a change restarts the model's replicas."
+        ),
+    )
     engine: EngineSettings = Field(default_factory=EngineSettings, description="vLLM engine settings.")
     parallelism: ParallelismSettings = Field(
         default_factory=ParallelismSettings, description="Tensor/pipeline parallelism and devices."

@@ -1,22 +1,28 @@
 """The endpoints the gateway serves, in one table: each endpoint's path, how its request is shaped
 and accounted, and which of vLLM's serving objects answers it.
 
-    endpoint     path                    output cap field(s)                  vLLM serving object
-    chat         /v1/chat/completions    max_completion_tokens, max_tokens    openai_serving_chat
-    completion   /v1/completions         max_tokens                           openai_serving_completion
-    responses    /v1/responses           max_output_tokens                    openai_serving_responses
-    messages     /v1/messages            max_tokens (Anthropic's errors)      anthropic_serving_messages
-    tokenize     /tokenize               (generates nothing)                  serving_tokenization
-    detokenize   /detokenize             (generates nothing)                  serving_tokenization
+    endpoint     path                    model task      output cap field(s)          vLLM serving object
+    chat         /v1/chat/completions    generate        max_completion_tokens,       openai_serving_chat
+                                                         max_tokens
+    completion   /v1/completions         generate        max_tokens                   openai_serving_completion
+    responses    /v1/responses           generate        max_output_tokens            openai_serving_responses
+    messages     /v1/messages            generate        max_tokens                   anthropic_serving_messages
+    embeddings   /v1/embeddings          embed           (pooling: none)              serving_embedding
+    score        /v1/score               embed           (pooling: none)              serving_scores
+    rerank       /v1/rerank              embed           (pooling: none)              serving_scores
+    tokenize     /tokenize               any             (no engine)                  serving_tokenization
+    detokenize   /detokenize             any             (no engine)                  serving_tokenization
 
 Every endpoint takes the same corridor through the ingress (`apps.ingress`): authenticate, read,
 authorize, shape (`apps.validation`, with the table's rules), reserve, admit, route, engine,
-relay, account. An endpoint that generates nothing (tokenize) takes no admission slot and reserves
-no tokens: a rate-limited key pays one request for it.
+relay, account. A pooling request reserves its inputs' tokens and an admission slot; tokenize
+takes no slot and reserves no tokens (a rate-limited key pays one request for it). Errors are
+OpenAI's, except on /v1/messages (Anthropic's).
 
-Endpoints whose prompt is a conversation (chat, responses, messages, a chat tokenize) give their
-turns as chat messages (`conversation`), so the prompt estimate, the router's prefix and the
-volatile-prefix check read every one of them the same way.
+A body's prompt reads one of two ways: a conversation (chat, Responses, Messages, a chat
+tokenize), given as chat messages (`conversation`), or a list of prompts (`prompts`: a
+completion's, an embeddings request's inputs, a score's texts). The prompt estimate, the router's
+prefix and the volatile-prefix check read every endpoint through these two.
 """
 
 from __future__ import annotations
@@ -25,11 +31,48 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from apps.config import ModelTask
 from apps.errors import ErrorStyle, InvalidRequest
 
-Endpoint = Literal["chat", "completion", "responses", "messages", "tokenize", "detokenize"]
+Endpoint = Literal[
+    "chat", "completion", "responses", "messages", "embeddings", "score", "rerank", "tokenize", "detokenize"
+]
+GENERATE: frozenset[ModelTask] = frozenset({"generate"})
+EMBED: frozenset[ModelTask] = frozenset({"embed"})
+ANY_TASK: frozenset[ModelTask] = frozenset({"generate", "embed"})
 # A conversation as chat messages ({"role", "content"}), or None: the body's prompt is `prompt`.
 Conversation = Callable[[Mapping[str, Any]], list[Any] | None]
+
+
+def completion_prompts(prompt: Any) -> list[Any]:
+    """A completion's prompts: a string or token-id list is one; a list of them is several."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return prompt
+    return [prompt]
+
+
+def message_text(content: Any) -> str:
+    """A message's text: a string, or the text parts of a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def field_prompts(*names: str) -> Callable[[Mapping[str, Any]], list[Any]]:
+    """The prompts in the body's fields `names` (each one prompt, or a list of them)."""
+
+    def prompts(body: Mapping[str, Any]) -> list[Any]:
+        return [item for name in names if name in body for item in completion_prompts(body[name])]
+
+    return prompts
+
+
+def no_prompts(body: Mapping[str, Any]) -> list[Any]:
+    return []
 
 
 def chat_messages(body: Mapping[str, Any]) -> list[Any] | None:
@@ -66,8 +109,8 @@ def anthropic_turns(body: Mapping[str, Any]) -> list[Any]:
     return turns + (messages if isinstance(messages, list) else [])
 
 
-def tokenize_turns(body: Mapping[str, Any]) -> list[Any] | None:
-    """A tokenize request holds either a chat's `messages` or a completion's `prompt`."""
+def messages_if_any(body: Mapping[str, Any]) -> list[Any] | None:
+    """A tokenize or embeddings request holds either a chat's `messages` or prompts."""
     return chat_messages(body) if "messages" in body else None
 
 
@@ -136,8 +179,23 @@ def _unstored(name: str) -> InvalidRequest:
     )
 
 
-def tokenize_rule(body: dict[str, Any]) -> dict[str, Any]:
+def messages_rule(body: dict[str, Any]) -> dict[str, Any]:
     return chat_rule(body) if "messages" in body else body
+
+
+# OpenAI's encodings. vLLM's `bytes` formats put the shapes in response headers, which the
+# model server's answer does not carry.
+EMBEDDING_ENCODINGS = (None, "float", "base64")
+
+
+def embeddings_rule(body: dict[str, Any]) -> dict[str, Any]:
+    encoding = body.get("encoding_format")
+    if encoding not in EMBEDDING_ENCODINGS:
+        raise InvalidRequest(
+            f"`encoding_format` must be `float` or `base64`. Given: {encoding!r}",
+            param="encoding_format",
+        )
+    return messages_rule(body)
 
 
 @dataclass(frozen=True)
@@ -146,11 +204,13 @@ class EndpointSpec:
 
     name: Endpoint
     path: str
+    tasks: frozenset[ModelTask]  # the models that serve it (`ModelConfig.task`)
     # The fields a client may cap the output with (first wins when both are given), and the one
-    # the shaped body carries. None: the endpoint generates nothing (no admission slot, no tokens).
+    # the shaped body carries. None: the endpoint generates nothing.
     max_tokens_fields: tuple[str, ...]
     output_field: str | None
     conversation: Conversation
+    prompts: Callable[[Mapping[str, Any]], list[Any]]  # when the body is no conversation
     # vLLM: the protocol model(s) ("module:Class"; chosen by the body's `messages` when two),
     # the serving object's attribute on vLLM's app state, and its method.
     request_types: tuple[str, ...]
@@ -161,14 +221,12 @@ class EndpointSpec:
     json_options: Mapping[str, bool] = field(default_factory=dict)
     stop_field: str | None = None  # the body's list of stop sequences
     choices: bool = False  # the body may ask for several choices (`n`)
+    engine_slot: bool = True  # takes an admission slot (all but tokenize)
+    pooling: bool = False  # one engine pass per input, capped by `limits.max_inputs`
     resumable: bool = False  # a stream that may continue on another replica (`apps.resume`)
     # The endpoint's own checks of a body (400), and the body it forwards.
     rule: Callable[[dict[str, Any]], dict[str, Any]] = lambda body: body
     errors: ErrorStyle = "openai"
-
-    @property
-    def generates(self) -> bool:
-        return self.output_field is not None
 
 
 _PROTOCOL = "vllm.entrypoints"
@@ -178,9 +236,11 @@ ENDPOINTS: dict[Endpoint, EndpointSpec] = {
         EndpointSpec(
             "chat",
             "/v1/chat/completions",
+            GENERATE,
             ("max_completion_tokens", "max_tokens"),
             "max_tokens",
             chat_messages,
+            no_prompts,
             (f"{_PROTOCOL}.openai.chat_completion.protocol:ChatCompletionRequest",),
             "openai_serving_chat",
             "create_chat_completion",
@@ -192,9 +252,11 @@ ENDPOINTS: dict[Endpoint, EndpointSpec] = {
         EndpointSpec(
             "completion",
             "/v1/completions",
+            GENERATE,
             ("max_tokens",),
             "max_tokens",
             no_conversation,
+            field_prompts("prompt"),
             (f"{_PROTOCOL}.openai.completion.protocol:CompletionRequest",),
             "openai_serving_completion",
             "create_completion",
@@ -206,9 +268,11 @@ ENDPOINTS: dict[Endpoint, EndpointSpec] = {
         EndpointSpec(
             "responses",
             "/v1/responses",
+            GENERATE,
             ("max_output_tokens",),
             "max_output_tokens",
             responses_turns,
+            no_prompts,
             (f"{_PROTOCOL}.openai.responses.protocol:ResponsesRequest",),
             "openai_serving_responses",
             "create_responses",
@@ -218,9 +282,11 @@ ENDPOINTS: dict[Endpoint, EndpointSpec] = {
         EndpointSpec(
             "messages",
             "/v1/messages",
+            GENERATE,
             ("max_tokens",),
             "max_tokens",
             anthropic_turns,
+            no_prompts,
             (f"{_PROTOCOL}.anthropic.protocol:AnthropicMessagesRequest",),
             "anthropic_serving_messages",
             "create_messages",
@@ -229,28 +295,85 @@ ENDPOINTS: dict[Endpoint, EndpointSpec] = {
             errors="anthropic",
         ),
         EndpointSpec(
-            "tokenize",
-            "/tokenize",
+            "embeddings",
+            "/v1/embeddings",
+            EMBED,
             (),
             None,
-            tokenize_turns,
+            messages_if_any,
+            field_prompts("input"),
+            (
+                f"{_PROTOCOL}.pooling.embed.protocol:EmbeddingCompletionRequest",
+                f"{_PROTOCOL}.pooling.embed.protocol:EmbeddingChatRequest",
+            ),
+            "serving_embedding",
+            "__call__",
+            pooling=True,
+            rule=embeddings_rule,
+        ),
+        EndpointSpec(
+            "score",
+            "/v1/score",
+            EMBED,
+            (),
+            None,
+            no_conversation,
+            field_prompts("queries", "documents", "items", "data_1", "data_2", "text_1", "text_2"),
+            tuple(
+                f"{_PROTOCOL}.pooling.scoring.protocol:{name}"
+                for name in (
+                    "ScoreQueriesDocumentsRequest",
+                    "ScoreQueriesItemsRequest",
+                    "ScoreDataRequest",
+                    "ScoreTextRequest",
+                )
+            ),
+            "serving_scores",
+            "__call__",
+            pooling=True,
+        ),
+        EndpointSpec(
+            "rerank",
+            "/v1/rerank",
+            EMBED,
+            (),
+            None,
+            no_conversation,
+            field_prompts("query", "documents"),
+            (f"{_PROTOCOL}.pooling.scoring.protocol:RerankRequest",),
+            "serving_scores",
+            "__call__",
+            pooling=True,
+        ),
+        EndpointSpec(
+            "tokenize",
+            "/tokenize",
+            ANY_TASK,
+            (),
+            None,
+            messages_if_any,
+            field_prompts("prompt"),
             (
                 f"{_PROTOCOL}.serve.tokenize.protocol:TokenizeCompletionRequest",
                 f"{_PROTOCOL}.serve.tokenize.protocol:TokenizeChatRequest",
             ),
             "serving_tokenization",
             "create_tokenize",
-            rule=tokenize_rule,
+            engine_slot=False,
+            rule=messages_rule,
         ),
         EndpointSpec(
             "detokenize",
             "/detokenize",
+            ANY_TASK,
             (),
             None,
             no_conversation,
+            no_prompts,
             (f"{_PROTOCOL}.serve.tokenize.protocol:DetokenizeRequest",),
             "serving_tokenization",
             "create_detokenize",
+            engine_slot=False,
         ),
     )
 }

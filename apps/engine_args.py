@@ -19,9 +19,13 @@ def engine_args(model: ModelConfig, placement: Placement) -> AsyncEngineArgs:
     speculative = None
     if engine.speculative is not None:
         speculative = engine.speculative.model_dump(exclude_none=True)
+    # An embedding model: vLLM's pooling runner. Its `convert: auto` keeps a native embedding
+    # architecture as it is and turns a causal checkpoint into an embedding model.
+    pooling = {"runner": "pooling", "convert": "auto"} if model.task == "embed" else {}
     return AsyncEngineArgs(
         model=model.path,
         served_model_name=[model.id],
+        **pooling,
         tensor_parallel_size=model.parallelism.tensor_parallel_size,
         pipeline_parallel_size=model.parallelism.pipeline_parallel_size,
         distributed_executor_backend=placement.executor_backend,

@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions, /v1/completions,       streaming (SSE) or not
          /v1/responses, /v1/messages (Anthropic's)
+    POST /v1/embeddings, /v1/score, /v1/rerank        an embedding model's
     POST /tokenize, /detokenize                       a model's tokenizer
     GET  /v1/models                                   the served model ids
     GET  /health                                      200 only when every model has a live replica
@@ -10,10 +11,10 @@
 Every POST endpoint is a row of `apps.endpoints.ENDPOINTS` and takes the same way, `_forward`:
 
     authenticate (401) -> read, parse (413, 400) -> may this key use the model (404, 403)
-    -> named system prompt, volatile-prefix check, shape (400)
+    -> does the model's task serve this endpoint (400), named system prompt, volatile-prefix
+       check, shape (400)
     -> reserve the key's request and tokens in the shared limiter (429)
-    -> wait for a slot of the model (503 when full, shed or out of time; not for an endpoint
-       that generates nothing)
+    -> wait for a slot of the model (503 when full, shed or out of time; not for tokenize)
     -> call the model server: a replica accepts within the queue timeout (else 503
        engine_unavailable), its head comes within the time-to-first-token timeout (504); a call
        whose replica is lost before its head is sent again to another (`apps.failover`)
@@ -48,13 +49,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from apps.admission import NO_GATE, ModelGate, ModelRoute, Ungated, until
 from apps.applications import deployment_name
 from apps.auth import Caller
-from apps.config import AppConfig
+from apps.config import AppConfig, ModelConfig
 from apps.endpoints import ENDPOINTS_BY_PATH, EndpointSpec, error_style
 from apps.errors import (
     DeadlineExceeded,
     EngineUnavailable,
     GatewayError,
     InternalError,
+    InvalidRequest,
     Overloaded,
     RouteNotFound,
     engine_error,
@@ -108,6 +110,30 @@ class ModelCall:
 
 app = FastAPI(title="LLM gateway", description="OpenAI-compatible API over vLLM engines.")
 app.add_middleware(RequestTelemetry)
+
+
+# The helpers the Ingress class calls are defined above it: `serve.ingress` copies the class, its
+# methods seeing the module's globals as they are at that moment (a function defined below the
+# class would be a NameError in the replica).
+def _check_task(endpoint: EndpointSpec, model: ModelConfig) -> None:
+    """400 when the model's task does not serve the endpoint (chat from an embedding model)."""
+    if model.task not in endpoint.tasks:
+        served = [spec.path for spec in ENDPOINTS_BY_PATH.values() if model.task in spec.tasks]
+        raise InvalidRequest(
+            f"Model {model.id} has task `{model.task}`: it does not serve {endpoint.path}. "
+            f"Its endpoints: {', '.join(served)}",
+            param="model",
+            code="unsupported_endpoint",
+        )
+
+
+def _head_error(head: ResponseHead) -> GatewayError:
+    """The error a model server's error head reports (its OpenAI body), as ours."""
+    try:
+        info = json.loads(head.body)["error"]
+        return engine_error(head.status, str(info.get("message")), info.get("param"))
+    except (ValueError, KeyError, TypeError):
+        return engine_error(head.status, "The model failed to continue the stream.", None)
 
 
 @app.exception_handler(GatewayError)
@@ -219,6 +245,7 @@ class Ingress:
         live.keys.authorize(caller, model_id, live.routes)
         record.model = model_id  # a served model: metric labels stay bounded
         route = live.routes[model_id]
+        _check_task(endpoint, route.config)
         body = apply_system_prompt(body, endpoint.name, model_id, route.config.system_prompts)
         live.prefix_watches[model_id].check(body, endpoint.name)
         shaped = shape_request(body, endpoint.name, model_id, route.config.limits)
@@ -266,7 +293,7 @@ class Ingress:
         head_due, total_due = route.deadlines(record.arrived, record.stream)
         loop = asyncio.get_running_loop()
         queued = loop.time()
-        gate = route.gate if call.endpoint.generates else NO_GATE  # tokenize takes no engine slot
+        gate = route.gate if call.endpoint.engine_slot else NO_GATE  # tokenize takes no engine slot
         try:
             await gate.acquire(call.caller.priority, head_due)
         except BaseException:
@@ -477,12 +504,3 @@ class Ingress:
             self._settler.settle(reservation, 0)
         else:
             self._settler.settle(reservation, None, delay_s=BACKSTOP_SETTLE_DELAY_S)
-
-
-def _head_error(head: ResponseHead) -> GatewayError:
-    """The error a model server's error head reports (its OpenAI body), as ours."""
-    try:
-        info = json.loads(head.body)["error"]
-        return engine_error(head.status, str(info.get("message")), info.get("param"))
-    except (ValueError, KeyError, TypeError):
-        return engine_error(head.status, "The model failed to continue the stream.", None)

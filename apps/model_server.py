@@ -26,6 +26,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.responses import Response as StarletteResponse
+from starlette.responses import StreamingResponse
 
 from apps.applications import GATEWAY_APP, LIMITER_DEPLOYMENT
 from apps.config import ModelConfig
@@ -215,6 +217,11 @@ class ModelServer:
             answer = result.model_dump_json(**spec.json_options).encode()
             yield ResponseHead(200, JSON_MEDIA_TYPE, answer, usage)
             return
+        if isinstance(result, StarletteResponse):  # vLLM's pooling answers come as responses
+            answer = await _response_body(result)
+            await settle.wait()
+            yield ResponseHead(result.status_code, result.media_type or JSON_MEDIA_TYPE, answer, usage)
+            return
         result = _server_sent_events(result)
         if resume is not None:
             # The engine call was made in _start: the usage holds the original prompt's length.
@@ -376,6 +383,14 @@ class ModelServer:
             engine.shutdown()
 
 
+async def _response_body(response: StarletteResponse) -> bytes:
+    """A whole response's body: a JSON response's, or a (finite) streamed one's, joined."""
+    if not isinstance(response, StreamingResponse):
+        return bytes(response.body)
+    parts = [part async for part in response.body_iterator]
+    return b"".join(part if isinstance(part, bytes) else str(part).encode() for part in parts)
+
+
 async def _server_sent_events(stream: AsyncIterator[Any]) -> AsyncIterator[str]:
     """vLLM's stream as SSE text: chat, completions and Messages yield it already; the
     Responses API yields event objects, written as vLLM's own router writes them."""
@@ -464,10 +479,21 @@ def _protocol_model(path: str) -> type[BaseModel]:
 
 
 def _request_type(spec: EndpointSpec, body: Mapping[str, Any]) -> type[BaseModel]:
-    """The endpoint's vLLM protocol model for `body`: of two (tokenize's), the second takes a
-    conversation (`messages`)."""
-    chosen = spec.request_types[-1] if len(spec.request_types) > 1 and "messages" in body else spec.request_types[0]
-    return _protocol_model(chosen)
+    """The endpoint's vLLM protocol model for `body`: of several (a union in vLLM: tokenize's
+    prompt or messages, score's pairs of fields), the first whose required fields the body has,
+    so a wrong body's error names that model's fields; else the first."""
+    models = [_protocol_model(path) for path in spec.request_types]
+    for model in models:
+        if _required_fields(model) <= body.keys():
+            return model
+    return models[0]
+
+
+@functools.cache
+def _required_fields(request_type: type[BaseModel]) -> frozenset[str]:
+    return frozenset(
+        field.alias or name for name, field in request_type.model_fields.items() if field.is_required()
+    )
 
 
 @functools.cache

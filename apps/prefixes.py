@@ -23,9 +23,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from apps.endpoints import ENDPOINTS, Endpoint
+from apps.endpoints import ENDPOINTS, Endpoint, message_text
 from apps.errors import InvalidRequest
-from apps.validation import completion_prompts, message_text
 
 logger = logging.getLogger("ray.serve")
 SYSTEM_PROMPT_FIELD = "system_prompt"
@@ -85,10 +84,11 @@ def apply_system_prompt(
 def prompt_start(body: Mapping[str, Any], endpoint: Endpoint) -> str:
     """The start of a request's prompt that should be the same across requests: a
     conversation's leading system messages, a completion prompt's first characters."""
-    messages = ENDPOINTS[endpoint].conversation(body)
+    spec = ENDPOINTS[endpoint]
+    messages = spec.conversation(body)
     if messages is None:
-        first = completion_prompts(body.get("prompt"))[0]
-        return first[:COMPLETION_SCAN_CHARS] if isinstance(first, str) else ""
+        prompts = spec.prompts(body)
+        return prompts[0][:COMPLETION_SCAN_CHARS] if prompts and isinstance(prompts[0], str) else ""
     parts: list[str] = []
     for message in messages:
         if _role(message) not in SYSTEM_ROLES:

@@ -27,8 +27,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from apps.endpoints import ENDPOINTS, Endpoint
-from apps.validation import completion_prompts
+from apps.endpoints import ENDPOINTS, Endpoint, completion_prompts
 
 # Resumes of one stream before the ingress gives up and ends it with an error event.
 MAX_RESUMES = 2

@@ -31,8 +31,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from apps.endpoints import ENDPOINTS
-from apps.validation import completion_prompts, message_text
+from apps.endpoints import ENDPOINTS, EndpointSpec, message_text
 
 # The prompt's start that must be identical for two requests to share a replica: about 128
 # tokens, 8 KV blocks of 16. Shorter shared starts save little prefill.
@@ -129,15 +128,16 @@ def prompt_prefix(request: PendingRequest, chars: int) -> str:
     body = args[BODY_ARG] if len(args) > BODY_ARG else request.kwargs.get("body")
     if endpoint not in ENDPOINTS or not isinstance(body, dict):
         return ""
-    return prompt_text(body, chars, ENDPOINTS[endpoint].conversation(body))
+    return prompt_text(ENDPOINTS[endpoint], body, chars)
 
 
-def prompt_text(body: dict[str, Any], chars: int, messages: list[Any] | None) -> str:
-    """The first `chars` characters of `messages` (role and text each), or with none, of the
-    body's (first) prompt."""
+def prompt_text(spec: EndpointSpec, body: dict[str, Any], chars: int) -> str:
+    """The first `chars` characters of the body's conversation (role and text of each
+    message), or of its first prompt (`apps.endpoints`)."""
+    messages = spec.conversation(body)
     if messages is None:
-        prompt = completion_prompts(body.get("prompt"))[0]
-        return prompt[:chars] if isinstance(prompt, str) else ""
+        prompts = spec.prompts(body)
+        return prompts[0][:chars] if prompts and isinstance(prompts[0], str) else ""
     parts: list[str] = []
     size = 0
     for message in messages:

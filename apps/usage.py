@@ -3,7 +3,8 @@
 vLLM's OpenAI layer reports usage only in its answer, which a client who disconnects never gets
 and a stream carries only when asked. The rate limiter needs the truth in every case, so the
 model server hands vLLM's serving layer a `MeteredEngine`: the same engine, whose `generate` also
-counts the prompt and every generated token into the `Usage` of the request being served (a
+counts the prompt and every generated token (`encode`, a pooling request's: its prompt) into the
+`Usage` of the request being served (a
 context variable: each request runs in its own task). A streamed request's count grows as its
 tokens come out, so it is exact however the request ends. A non-streaming request's tokens come
 out only at its end (vLLM's FINAL_ONLY output): cut short, its count is unknown, and it is
@@ -82,19 +83,9 @@ class MeteredEngine:
         return getattr(self._engine, name)
 
     def generate(self, prompt: Any, sampling_params: Any, request_id: str, *args: Any, **kwargs: Any):
-        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
 
-        prompt_tokens = _prompt_length(prompt)
-        cap = _current_prompt_cap.get()
-        if cap is not None and prompt_tokens > cap:
-            # Raised before anything is submitted; vLLM's layer answers it with a 400.
-            raise VLLMValidationError(
-                f"The prompt is {prompt_tokens} tokens long; model {self._model_id} accepts at "
-                f"most {cap}. Shorten the prompt.",
-                parameter="messages",
-                value=prompt_tokens,
-            )
+        prompt_tokens = self._within_cap(prompt)
         usage = _current_usage.get()
         resumed = _current_resume.get()
         if resumed is not None and usage is not None:
@@ -110,6 +101,31 @@ class MeteredEngine:
         if not delta:
             usage.unfinished_final_only += 1
         return _counted(outputs, usage, delta)
+
+    def encode(self, prompt: Any, pooling_params: Any, request_id: str, *args: Any, **kwargs: Any):
+        """A pooling request (embeddings, scores): its prompt is all it costs, counted as it is
+        submitted."""
+        prompt_tokens = self._within_cap(prompt)
+        usage = _current_usage.get()
+        if usage is not None:
+            usage.prompt_tokens += prompt_tokens
+        return self._engine.encode(prompt, pooling_params, request_id, *args, **kwargs)
+
+    def _within_cap(self, prompt: Any) -> int:
+        """The prompt's tokens; raised before anything is submitted when over the model's cap
+        (vLLM's layer answers it with a 400)."""
+        from vllm.exceptions import VLLMValidationError
+
+        prompt_tokens = _prompt_length(prompt)
+        cap = _current_prompt_cap.get()
+        if cap is not None and prompt_tokens > cap:
+            raise VLLMValidationError(
+                f"The prompt is {prompt_tokens} tokens long; model {self._model_id} accepts at "
+                f"most {cap}. Shorten the prompt.",
+                parameter="messages",
+                value=prompt_tokens,
+            )
+        return prompt_tokens
 
 
 async def _counted(outputs: AsyncIterator[Any], usage: Usage, delta: bool) -> AsyncIterator[Any]:

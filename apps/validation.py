@@ -22,7 +22,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 
 from apps.config import RequestLimits
-from apps.endpoints import ENDPOINTS, Endpoint, EndpointSpec
+from apps.endpoints import ENDPOINTS, Endpoint, EndpointSpec, message_text
 from apps.errors import BodyTimeout, ClientClosed, InvalidRequest, PayloadTooLarge
 
 # A cheap prompt-token estimate for the rate-limit reservation; the engine's real count settles it.
@@ -117,55 +117,43 @@ def shape_request(
         )
     if spec.stop_field is not None:
         _check_stop(body.get(spec.stop_field), limits.max_stop_sequences, spec.stop_field)
-    if spec.output_field is None:  # generates nothing: no output cap, no tokens reserved
-        return ShapedRequest(model_id, body, 0, False, 0)
+    if spec.output_field is None:  # generates nothing: no output cap
+        if spec.pooling:
+            _check_inputs(spec.prompts(body), limits.max_inputs)
+        # A pooling request costs its inputs' tokens; tokenize costs no engine work.
+        reserved = prompt_estimate(body, endpoint) if spec.engine_slot else 0
+        return ShapedRequest(model_id, body, 0, False, reserved)
     choices = _choices(body, limits.max_n) if spec.choices else 1
     max_tokens, clamped = _max_tokens(body, spec, model_id, limits)
     shaped = {name: value for name, value in body.items() if name not in spec.max_tokens_fields}
     shaped[spec.output_field] = max_tokens
-    reserved = prompt_estimate(body, endpoint) + _prompt_count(body, spec) * choices * max_tokens
+    prompts = 1 if spec.conversation(body) is not None else len(spec.prompts(body))
+    reserved = prompt_estimate(body, endpoint) + prompts * choices * max_tokens
     return ShapedRequest(model_id, shaped, max_tokens, clamped, reserved)
 
 
-def _prompt_count(body: Mapping[str, Any], spec: EndpointSpec) -> int:
-    """Prompts in one request: a completion may batch several, each with its own n choices."""
-    if spec.conversation(body) is not None:
-        return 1
-    return len(completion_prompts(body.get("prompt")))
-
-
-def completion_prompts(prompt: Any) -> list[Any]:
-    """A completion's prompts: a string or token-id list is one; a list of them is several."""
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        return prompt
-    return [prompt]
+def _check_inputs(inputs: list[Any], cap: int) -> None:
+    if len(inputs) > cap:
+        raise InvalidRequest(
+            f"At most {cap} inputs per request. Given: {len(inputs)}", code="too_many_inputs"
+        )
 
 
 def prompt_estimate(body: Mapping[str, Any], endpoint: Endpoint) -> int:
     """Prompt tokens, estimated from characters (token ids count as they are). Only for the
     rate-limit reservation: a wrong estimate is corrected when the request is settled."""
-    messages = ENDPOINTS[endpoint].conversation(body)
+    spec = ENDPOINTS[endpoint]
+    messages = spec.conversation(body)
     if messages is not None:
         chars = sum(len(message_text(m.get("content"))) for m in messages if isinstance(m, dict))
         return math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages)
     total = 0
-    for item in completion_prompts(body.get("prompt")):
+    for item in spec.prompts(body):
         if isinstance(item, str):
             total += math.ceil(len(item) / CHARS_PER_TOKEN)
         elif isinstance(item, list):  # token ids
             total += len(item)
     return total
-
-
-def message_text(content: Any) -> str:
-    """A message's text: a string, or the text parts of a list of content parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return ""
 
 
 def _choices(body: Mapping[str, Any], cap: int) -> int:

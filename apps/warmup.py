@@ -73,12 +73,17 @@ async def _run(
     """One warm-up request; its duration in seconds."""
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-    endpoint = "chat" if prompt.messages is not None else "completion"
-    body: dict[str, Any] = {"model": model.id, "max_tokens": max_tokens, **(extra or {})}
+    body: dict[str, Any] = {"model": model.id}
+    if model.task == "embed":  # an embedding model embeds the prompt: nothing is generated
+        endpoint, prompt_field = "embeddings", "input"
+    else:
+        endpoint = "chat" if prompt.messages is not None else "completion"
+        body |= {"max_tokens": max_tokens, **(extra or {})}
+        prompt_field = "prompt"
     if prompt.messages is not None:
         body["messages"] = [message.model_dump() for message in prompt.messages]
     else:
-        body["prompt"] = prompt.prompt
+        body[prompt_field] = prompt.prompt
     started = time.monotonic()
     try:
         result = await call(endpoint, body)
@@ -89,4 +94,6 @@ async def _run(
             f"Warm-up prompt {label} of model {model.id} was refused by the engine: "
             f"{result.error.message}"
         )
+    if getattr(result, "status_code", 200) != 200:  # a pooling answer (a response)
+        raise WarmupFailed(f"Warm-up prompt {label} of model {model.id} was answered {result.status_code}.")
     return time.monotonic() - started

@@ -83,7 +83,8 @@ def test_defaults_follow_the_field(make_checkpoint):
 def test_embedded_default_config_is_valid():
     config = load_config(app_args("app.yaml"))
     tp = {m.id: m.parallelism.tensor_parallel_size for m in config.models}
-    assert tp == {"tiny-chat": 1, "tiny-chat-tp2": 2}
+    assert tp == {"tiny-chat": 1, "tiny-chat-tp2": 2, "tiny-embed": 1}
+    assert {m.id: m.task for m in config.models}["tiny-embed"] == "embed"
 
 
 @pytest.mark.parametrize(

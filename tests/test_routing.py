@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from apps.endpoints import ENDPOINTS
 from apps.routing import (
     AVOID_KWARG,
     ROUTING_KWARG,
@@ -70,14 +71,17 @@ def choose(instance: PrefixAffinityRouter, request: FakePending) -> list[list[Fa
 
 def test_a_chat_is_routed_by_its_messages_in_order():
     body = {"messages": [{"role": "system", "content": "S" * 10}, {"role": "user", "content": [{"type": "text", "text": "U"}]}]}
-    assert prompt_text(body, 100, body["messages"]) == "system:" + "S" * 10 + "\nuser:U\n"
-    assert prompt_text(body, 5, body["messages"]) == "syste"
+    assert prompt_text(ENDPOINTS["chat"], body, 100) == "system:" + "S" * 10 + "\nuser:U\n"
+    assert prompt_text(ENDPOINTS["chat"], body, 5) == "syste"
 
 
 def test_a_completion_is_routed_by_its_prompt():
-    assert prompt_text({"prompt": "abcdef"}, 3, None) == "abc"
-    assert prompt_text({"prompt": ["first", "second"]}, 100, None) == "first"
-    assert prompt_text({"prompt": [1, 2, 3]}, 100, None) == ""
+    completion = ENDPOINTS["completion"]
+    assert prompt_text(completion, {"prompt": "abcdef"}, 3) == "abc"
+    assert prompt_text(completion, {"prompt": ["first", "second"]}, 100) == "first"
+    assert prompt_text(completion, {"prompt": [1, 2, 3]}, 100) == ""
+    assert prompt_text(ENDPOINTS["embeddings"], {"input": ["first", "second"]}, 100) == "first"
+    assert prompt_text(ENDPOINTS["rerank"], {"query": "q", "documents": ["d"]}, 100) == "q"
 
 
 def test_responses_and_messages_are_routed_by_their_turns_like_a_chat():

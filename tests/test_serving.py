@@ -35,6 +35,8 @@ EXACT = {"ignore_eos": True}  # vLLM extension: generate exactly max_tokens toke
 def gateway() -> Iterator[str]:
     """The embedded default app, started once for the module; yields the base URL."""
     args = app_args("app.yaml", local_paths=True)
+    # The chat models; the embedding model is tests/test_endpoints.py's.
+    args["models"] = [model for model in args["models"] if model["id"] in MODELS]
     # tiny-chat groups tokens from the second open stream on; tiny-chat-tp2 keeps the default.
     (tiny,) = [model for model in args["models"] if model["id"] == "tiny-chat"]
     tiny.setdefault("replicas", {})["stream_messages_per_step"] = 1
