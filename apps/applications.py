@@ -53,11 +53,16 @@ LIMITER_DEPLOYMENT = "rate-limiter"
 GATEWAY_INGRESS_FIELDS = frozenset(
     {"num_replicas", "num_cpus", "max_ongoing_requests", "drain_timeout_s"}
 )
-MODEL_APP_FIELDS = frozenset({"id", "path", "task", "engine", "parallelism", "replicas", "warmup"})
-MODEL_SETTINGS_FIELDS = frozenset({"id", "limits", "admission", "system_prompts", "routing", "replicas"})
+MODEL_APP_FIELDS = frozenset({"id", "path", "task", "engine", "parallelism", "replicas", "warmup", "lora"})
+MODEL_SETTINGS_FIELDS = frozenset(
+    {"id", "limits", "admission", "system_prompts", "routing", "replicas", "lora"}
+)
 # A model's `replicas` fields that are live settings (`apps.replica_policy`); the others stay
 # with its application.
 LIVE_REPLICA_FIELDS = frozenset({"num_replicas", "autoscaling"})
+# A model's sections split between the two: their live fields in the settings application, the
+# rest in the model's (the LoRA adapters served are live; the engine's LoRA limits are not).
+SPLIT_SECTIONS = {"replicas": LIVE_REPLICA_FIELDS, "lora": frozenset({"adapters"})}
 SETTINGS_FIELDS = frozenset({"ingress", "auth", "models"})
 # How often an ingress replica reads the deployed settings.
 SETTINGS_POLL_S = 1.0
@@ -102,19 +107,26 @@ def split_args(args: Mapping[str, Any]) -> list[dict[str, Any]]:
         },
     ]
     for model in args.get("models") or []:
-        replicas = dict(model.get("replicas") or {})
-        live = {k: copy.deepcopy(v) for k, v in model.items() if k in MODEL_SETTINGS_FIELDS - {"replicas"}}
-        live_replicas = {k: copy.deepcopy(v) for k, v in replicas.items() if k in LIVE_REPLICA_FIELDS}
-        if live_replicas:
-            live["replicas"] = live_replicas
-        if len(live) > 1:  # more than its id
-            settings_args.setdefault("models", []).append(live)
+        live = {
+            k: copy.deepcopy(v) for k, v in model.items() if k in MODEL_SETTINGS_FIELDS - set(SPLIT_SECTIONS)
+        }
         model_args = {
             k: copy.deepcopy(v) for k, v in model.items() if k not in MODEL_SETTINGS_FIELDS - {"id"}
         }
-        rolled_replicas = {k: copy.deepcopy(v) for k, v in replicas.items() if k not in LIVE_REPLICA_FIELDS}
-        if rolled_replicas:
-            model_args["replicas"] = rolled_replicas
+        for section, live_fields in SPLIT_SECTIONS.items():
+            if section not in model:
+                continue
+            fields = dict(model[section] or {})
+            live_part = {k: copy.deepcopy(v) for k, v in fields.items() if k in live_fields}
+            rolled_part = {k: copy.deepcopy(v) for k, v in fields.items() if k not in live_fields}
+            if live_part:
+                live[section] = live_part
+            # A section present in the model's application even when all its fields are live:
+            # its presence shapes the engine (LoRA on).
+            if rolled_part or section != "replicas":
+                model_args[section] = rolled_part
+        if len(live) > 1:  # more than its id
+            settings_args.setdefault("models", []).append(live)
         applications.append(
             {
                 "name": deployment_name(str(model.get("id"))),
@@ -155,7 +167,8 @@ def compose_args(deployed: DeployedArgs) -> dict[str, Any]:
     models = []
     for name, model in by_kind.get(MODEL_IMPORT_PATH, []):
         _only(name, model, MODEL_APP_FIELDS)
-        _only_replicas(f"{name}: replicas", model.get("replicas"), live=False)
+        for section in SPLIT_SECTIONS:
+            _only_section(f"{name}: {section}", section, model.get(section), live=False)
         expected = deployment_name(str(model.get("id")))
         if name != expected:
             # The ingress finds a model's replicas by this name.
@@ -169,7 +182,9 @@ def compose_args(deployed: DeployedArgs) -> dict[str, Any]:
         if not isinstance(live, Mapping):
             raise PartError(f"{settings_name}: models.{index} must be a mapping.")
         _only(f"{settings_name}: models.{index}", live, MODEL_SETTINGS_FIELDS)
-        _only_replicas(f"{settings_name}: models.{index}.replicas", live.get("replicas"), live=True)
+        for section in SPLIT_SECTIONS:
+            where = f"{settings_name}: models.{index}.{section}"
+            _only_section(where, section, live.get(section), live=True)
         if live.get("id") in seen:
             raise PartError(f"{settings_name}: models.{index}: model {live.get('id')!r} is listed twice.")
         seen.add(live.get("id"))
@@ -184,9 +199,15 @@ def compose_args(deployed: DeployedArgs) -> dict[str, Any]:
                 live.get("id"),
             )
             continue
-        model.update({k: copy.deepcopy(v) for k, v in live.items() if k not in ("id", "replicas")})
-        if live.get("replicas"):
-            model["replicas"] = dict(model.get("replicas") or {}) | copy.deepcopy(dict(live["replicas"]))
+        model.update({k: copy.deepcopy(v) for k, v in live.items() if k != "id" and k not in SPLIT_SECTIONS})
+        if live.get("lora") and "lora" not in model:
+            raise PartError(
+                f"{settings_name}: models.{index}.lora: model {live.get('id')!r} serves no LoRA "
+                f"adapters: switch LoRA on with `lora:` in its application ({deployment_name(str(live.get('id')))}) first."
+            )
+        for section in SPLIT_SECTIONS:
+            if live.get(section):
+                model[section] = dict(model.get(section) or {}) | copy.deepcopy(dict(live[section]))
     composed: dict[str, Any] = {
         "models": models,
         "ingress": dict(gateway.get("ingress") or {}) | dict(live_ingress),
@@ -215,17 +236,18 @@ def _only(where: str, args: Mapping[str, Any], allowed: set[str] | frozenset[str
         )
 
 
-def _only_replicas(where: str, replicas: Any, live: bool) -> None:
-    """A model's `replicas` is split: its `LIVE_REPLICA_FIELDS` in the settings application
+def _only_section(where: str, section: str, fields: Any, live: bool) -> None:
+    """A model's split section (`SPLIT_SECTIONS`): its live fields in the settings application
     (`live`), the others in the model's. Its values are the schema's to check."""
-    if not isinstance(replicas, Mapping):
+    if not isinstance(fields, Mapping):
         return
-    keys = set(replicas)
-    misplaced = sorted(keys - LIVE_REPLICA_FIELDS if live else keys & LIVE_REPLICA_FIELDS)
+    live_fields = SPLIT_SECTIONS[section]
+    keys = set(fields)
+    misplaced = sorted(keys - live_fields if live else keys & live_fields)
     if misplaced:
         raise PartError(
-            f"{where}: {misplaced} do not belong here; replicas.{sorted(LIVE_REPLICA_FIELDS)} are "
-            f"live settings, in {SETTINGS_APP}'s models, and the other replicas fields stay in the "
+            f"{where}: {misplaced} do not belong here; {section}.{sorted(live_fields)} are "
+            f"live settings, in {SETTINGS_APP}'s models, and the other {section} fields stay in the "
             "model's application."
         )
 

@@ -50,15 +50,22 @@ class KeyTable:
         self._enabled = settings.enabled
         self._callers = {key.sha256: _caller(key) for key in settings.keys}
 
-    def authenticate(self, authorization: str | None) -> Caller:
-        """The caller, or 401 for a missing, malformed or unknown key."""
+    def authenticate(self, authorization: str | None, api_key: str | None = None) -> Caller:
+        """The caller, or 401 for a missing, malformed or unknown key. The key comes as
+        `Authorization: Bearer KEY` (OpenAI's clients) or as `x-api-key: KEY` (`api_key`,
+        Anthropic's)."""
         if not self._enabled:
             return ANONYMOUS
-        if not authorization or not authorization.lower().startswith(BEARER):
+        if authorization and authorization.lower().startswith(BEARER):
+            key = authorization[len(BEARER) :].strip()
+        elif api_key:
+            key = api_key.strip()
+        else:
             raise Unauthorized(
-                "Missing API key: send it as `Authorization: Bearer KEY`.", code="missing_api_key"
+                "Missing API key: send it as `Authorization: Bearer KEY` (or `x-api-key: KEY`).",
+                code="missing_api_key",
             )
-        caller = self._callers.get(key_hash(authorization[len(BEARER) :].strip()))
+        caller = self._callers.get(key_hash(key))
         if caller is None:
             raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
         return caller

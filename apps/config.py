@@ -465,6 +465,47 @@ class WarmupSettings(StrictModel):
     repeat: int = Field(default=3, ge=1, le=100, description="Times each prompt is run.")
 
 
+class LoraAdapter(StrictModel):
+    """A LoRA adapter of a model: clients send its name as `model`."""
+
+    name: Annotated[str, Field(pattern=MODEL_ID_PATTERN)] = Field(
+        description="The name clients send as `model` (unique among models and adapters)."
+    )
+    path: str = Field(description="Local PEFT adapter directory (relative paths: to the working dir).")
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, path: str, info: ValidationInfo) -> str:
+        if not _checks_model_files(info):
+            return path
+        resolved = Path(path).expanduser().resolve()
+        if not (resolved / "adapter_config.json").is_file():
+            raise ValueError(f"no LoRA adapter at {resolved} (adapter_config.json missing).")
+        return str(resolved)
+
+
+class LoraSettings(StrictModel):
+    """Multi-LoRA: one engine serves its base model and adapters of it (vLLM loads an adapter
+    at runtime, on its first request at a replica)."""
+
+    adapters: list[LoraAdapter] = Field(
+        default_factory=list,
+        description="Live. The adapters served; adding or removing one restarts no engine.",
+    )
+    max_loras: int = Field(
+        default=1, ge=1, le=64, description="Adapters in one engine batch (vLLM `max_loras`)."
+    )
+    max_lora_rank: int = Field(
+        default=16, ge=1, le=512, description="Largest adapter rank the engine accepts (vLLM `max_lora_rank`)."
+    )
+    max_cpu_loras: int | None = Field(
+        default=None,
+        ge=1,
+        description="Adapters a replica keeps loaded (vLLM `max_cpu_loras`; least recently used "
+        "leave first). None: max_loras.",
+    )
+
+
 class ModelConfig(StrictModel):
     """One served model: one Serve deployment of vLLM engine replicas."""
 
@@ -482,6 +523,11 @@ class ModelConfig(StrictModel):
         ),
     )
     engine: EngineSettings = Field(default_factory=EngineSettings, description="vLLM engine settings.")
+    lora: LoraSettings | None = Field(
+        default=None,
+        description="LoRA adapters of this model. `adapters` is live; the rest shapes the engine "
+        "(a change restarts the model's replicas), as does switching LoRA on or off.",
+    )
     parallelism: ParallelismSettings = Field(
         default_factory=ParallelismSettings, description="Tensor/pipeline parallelism and devices."
     )
@@ -520,6 +566,16 @@ class ModelConfig(StrictModel):
                 "default run `python scripts/make_tiny_models.py`."
             )
         return str(resolved)
+
+    @property
+    def lora_adapters(self) -> list[LoraAdapter]:
+        return self.lora.adapters if self.lora is not None else []
+
+    @model_validator(mode="after")
+    def _lora_on_a_generative_model(self) -> ModelConfig:
+        if self.lora is not None and self.task != "generate":
+            raise ValueError(f"lora: LoRA adapters need a `generate` model; this one's task is `{self.task}`.")
+        return self
 
     @model_validator(mode="after")
     def _parallelism_fits_model(self, info: ValidationInfo) -> ModelConfig:
@@ -682,10 +738,12 @@ class AppConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unique_ids(self) -> AppConfig:
-        ids = [m.id for m in self.models]
+        ids = [m.id for m in self.models] + [a.name for m in self.models for a in m.lora_adapters]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
-            raise ValueError(f"Duplicate model ids {duplicates}: make each id unique.")
+            raise ValueError(
+                f"Duplicate model ids {duplicates} (models and LoRA adapters): make each id unique."
+            )
         return self
 
     @model_validator(mode="after")
@@ -713,7 +771,7 @@ class AppConfig(StrictModel):
         # A warning, not an error: Serve deletes a model's application left out of the file even
         # when another application's build fails, so refusing the settings of a key that still
         # names a removed model would leave the gateway routing to it.
-        served = {m.id for m in self.models}
+        served = {m.id for m in self.models} | {a.name for m in self.models for a in m.lora_adapters}
         for key in self.auth.keys:
             unknown = sorted(set(key.models or ()) - served)
             if unknown:

@@ -159,8 +159,7 @@ def completion_rule(body: dict[str, Any]) -> dict[str, Any]:
 
 def responses_rule(body: dict[str, Any]) -> dict[str, Any]:
     """Stored responses are refused (`STORED_RESPONSE_FIELDS`, `store: true`); a request that
-    does not say is not stored (vLLM, without its store, ignores `store` anyway), and its answer
-    says `store: false`."""
+    does not say is sent with `store: false` (vLLM, without its store, ignores `store` anyway)."""
     for name in STORED_RESPONSE_FIELDS:
         if body.get(name):
             raise _unstored(name)

@@ -22,10 +22,19 @@ def engine_args(model: ModelConfig, placement: Placement) -> AsyncEngineArgs:
     # An embedding model: vLLM's pooling runner. Its `convert: auto` keeps a native embedding
     # architecture as it is and turns a causal checkpoint into an embedding model.
     pooling = {"runner": "pooling", "convert": "auto"} if model.task == "embed" else {}
+    lora = {}
+    if model.lora is not None:  # its adapters are loaded at runtime (`apps.model_server`)
+        lora = {
+            "enable_lora": True,
+            "max_loras": model.lora.max_loras,
+            "max_lora_rank": model.lora.max_lora_rank,
+            "max_cpu_loras": model.lora.max_cpu_loras,
+        }
     return AsyncEngineArgs(
         model=model.path,
         served_model_name=[model.id],
         **pooling,
+        **lora,
         tensor_parallel_size=model.parallelism.tensor_parallel_size,
         pipeline_parallel_size=model.parallelism.pipeline_parallel_size,
         distributed_executor_backend=placement.executor_backend,

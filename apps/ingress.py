@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from apps.admission import NO_GATE, ModelGate, ModelRoute, Ungated, until
 from apps.applications import deployment_name
 from apps.auth import Caller
-from apps.config import AppConfig, ModelConfig
+from apps.config import AppConfig, LoraAdapter, ModelConfig
 from apps.endpoints import ENDPOINTS_BY_PATH, EndpointSpec, error_style
 from apps.errors import (
     DeadlineExceeded,
@@ -106,6 +106,7 @@ class ModelCall:
     caller: Caller
     reservation: str | None  # the rate limiter's, if the key is limited
     record: RequestRecord
+    adapter: LoraAdapter | None = None  # the LoRA adapter asked for, served by `route`'s model
 
 
 app = FastAPI(title="LLM gateway", description="OpenAI-compatible API over vLLM engines.")
@@ -185,7 +186,9 @@ class Ingress:
     @app.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
         live = self._live
-        caller = live.keys.authenticate(request.headers.get("authorization"))
+        caller = live.keys.authenticate(
+            request.headers.get("authorization"), request.headers.get("x-api-key")
+        )
         visible = [model for model in live.model_list if caller.may_use(model["id"])]
         return JSONResponse({"object": "list", "data": visible})
 
@@ -236,24 +239,28 @@ class Ingress:
     async def _forward(self, request: Request, endpoint: EndpointSpec) -> Response:
         record = request_record(request)
         live = self._live  # one snapshot of the settings for the whole request
-        caller = live.keys.authenticate(request.headers.get("authorization"))
+        caller = live.keys.authenticate(
+            request.headers.get("authorization"), request.headers.get("x-api-key")
+        )
         record.key = caller.name
         ingress = live.config.ingress
         body = parse_body(await read_body(request, ingress.max_body_bytes, ingress.body_timeout_s))
         model_id = requested_model(body)
         record.stream = body.get("stream") is True
-        live.keys.authorize(caller, model_id, live.routes)
-        record.model = model_id  # a served model: metric labels stay bounded
-        route = live.routes[model_id]
+        live.keys.authorize(caller, model_id, live.served)
+        record.model = model_id  # a served model or adapter: metric labels stay bounded
+        # An adapter is served by its base model's replicas, with the base's settings.
+        base_id, adapter = live.adapters.get(model_id, (model_id, None))
+        route = live.routes[base_id]
         _check_task(endpoint, route.config)
         body = apply_system_prompt(body, endpoint.name, model_id, route.config.system_prompts)
-        live.prefix_watches[model_id].check(body, endpoint.name)
+        live.prefix_watches[base_id].check(body, endpoint.name)
         shaped = shape_request(body, endpoint.name, model_id, route.config.limits)
         headers = {"x-max-tokens-clamped": str(shaped.max_tokens)} if shaped.clamped else {}
         reservation = None
         if caller.rate_limited:
             reservation = await self._reserve(caller, route, shaped, headers)
-        call = ModelCall(route, endpoint, shaped, caller, reservation, record)
+        call = ModelCall(route, endpoint, shaped, caller, reservation, record, adapter)
         try:
             return await self._admit_and_call(call, headers)
         except GatewayError as error:
@@ -393,6 +400,7 @@ class Ingress:
                 avoid_replicas=avoid,
                 routing=route.routing,
                 max_prompt_tokens=route.config.limits.max_prompt_tokens,
+                adapter=call.adapter,
             )
             accepted: Accepted | None = None
             try:

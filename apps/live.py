@@ -39,7 +39,7 @@ from apps.applications import (
     serving_args,
 )
 from apps.auth import KeyTable
-from apps.config import AppConfig, ConfigError, load_config
+from apps.config import AppConfig, ConfigError, LoraAdapter, load_config
 from apps.prefixes import VolatilePrefixWatch
 
 logger = logging.getLogger("ray.serve")
@@ -59,6 +59,13 @@ class LiveSettings:
     routes: Mapping[str, ModelRoute]
     prefix_watches: Mapping[str, VolatilePrefixWatch]
     model_list: list[dict[str, Any]]
+    # LoRA adapters by name: their base model's id, and where the adapter is.
+    adapters: Mapping[str, tuple[str, LoraAdapter]]
+
+    @property
+    def served(self) -> list[str]:
+        """What clients may send as `model`: the models and their adapters."""
+        return [*self.routes, *self.adapters]
 
 
 def model_stream(model_id: str) -> Any:
@@ -93,6 +100,7 @@ def live_settings(
         )
     created = int(time.time())
     old_created = {entry["id"]: entry["created"] for entry in (previous.model_list if previous else [])}
+    adapters = {adapter.name: (model.id, adapter) for model in config.models for adapter in model.lora_adapters}
     model_list = [
         {
             "id": model.id,
@@ -101,8 +109,17 @@ def live_settings(
             "owned_by": "gateway",
         }
         for model in config.models
+    ] + [
+        {
+            "id": name,
+            "object": "model",
+            "created": old_created.get(name, created),
+            "owned_by": "gateway",
+            "parent": base_id,
+        }
+        for name, (base_id, _) in adapters.items()
     ]
-    settings = LiveSettings(config, KeyTable(config.auth), routes, watches, model_list)
+    settings = LiveSettings(config, KeyTable(config.auth), routes, watches, model_list, adapters)
     for kept, bounds in new_bounds:  # last: nothing changes unless the whole snapshot was built
         kept.adopt_bounds(bounds)
     return settings

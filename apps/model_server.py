@@ -20,6 +20,7 @@ import logging
 import logging.handlers
 import os
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -30,7 +31,7 @@ from starlette.responses import Response as StarletteResponse
 from starlette.responses import StreamingResponse
 
 from apps.applications import GATEWAY_APP, LIMITER_DEPLOYMENT
-from apps.config import ModelConfig
+from apps.config import LoraAdapter, ModelConfig
 from apps.endpoints import ENDPOINTS, Endpoint, EndpointSpec
 from apps.engine_args import engine_args
 from apps.errors import (
@@ -134,7 +135,11 @@ class ModelServer:
         # vLLM's serving object of each endpoint; None where this model's task has none.
         self._serving = {name: getattr(state, spec.serving, None) for name, spec in ENDPOINTS.items()}
         self._tasks = await self._engine.get_supported_tasks()
+        self._serving_models = state.openai_serving_models
+        self._adapter_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         restore_serve_logging()
+        for adapter in model.lora_adapters:  # those configured when this application was built
+            await self._load_adapter(adapter)
         await warm_up(model, self._call_vllm)
         self._first_request_logged = False
         self._open_streams = 0
@@ -152,6 +157,7 @@ class ModelServer:
         avoid_replicas: frozenset[str] = frozenset(),
         routing: RoutingKnobs | None = None,
         max_prompt_tokens: int | None = None,
+        adapter: LoraAdapter | None = None,
     ) -> AsyncIterator[Accepted | ResponseHead | bytes | TokenChunk | LastChunk]:
         """Run one OpenAI request; yields `Accepted`, a `ResponseHead`, then (streams only) SSE
         bytes, the last of them as a `LastChunk`; a resumable stream's messages are `TokenChunk`s
@@ -159,7 +165,8 @@ class ModelServer:
         used (except when this engine is dead: the ingress then calls another replica with the
         same reservation). `key`: the caller's key name, for the token metrics. `resume`: continue
         a stream another replica started. `avoid_replicas`, `routing`: read by the request
-        router (`apps.routing`), not here. `max_prompt_tokens`: the model's prompt cap (live)."""
+        router (`apps.routing`), not here. `max_prompt_tokens`: the model's prompt cap (live).
+        `adapter`: the LoRA adapter the body's `model` names (live), loaded here if it is not."""
         yield self._accepted
         resumable = resume is not None or resume_refusal(endpoint, body) is None
         usage = start_usage(
@@ -170,7 +177,7 @@ class ModelServer:
         settle = _Settlement(self._settler, reservation, usage)
         started = time.monotonic()
         try:
-            async for item in self._respond(endpoint, body, settle, usage, resume):
+            async for item in self._respond(endpoint, body, settle, usage, resume, adapter):
                 if not self._first_request_logged:
                     # With warm-up this shows what a replica's first client really waited.
                     self._first_request_logged = True
@@ -182,11 +189,11 @@ class ModelServer:
                 yield item
         finally:
             settle.now()  # failed or cancelled: no waiting on the limiter
-            self._count_tokens(usage, key)
+            self._count_tokens(usage, key, adapter.name if adapter else self._model.id)
 
-    def _count_tokens(self, usage: Usage, key: str) -> None:
+    def _count_tokens(self, usage: Usage, key: str, model_id: str) -> None:
         """The tokens this engine processed: a resumed stream's earlier tokens were prompt here."""
-        tags = {"model": self._model.id, "key": key}
+        tags = {"model": model_id, "key": key}
         prompt = usage.prompt_tokens + usage.resumed_tokens
         generated = usage.completion_tokens - usage.resumed_tokens
         if prompt:
@@ -201,9 +208,12 @@ class ModelServer:
         settle: _Settlement,
         usage: Usage,
         resume: Resume | None,
+        adapter: LoraAdapter | None,
     ) -> AsyncIterator[ResponseHead | bytes | TokenChunk | LastChunk]:
         spec = ENDPOINTS[endpoint]
         try:
+            if adapter is not None:
+                await self._load_adapter(adapter)
             result = await self._start(endpoint, body)
         except GatewayError as error:
             if is_replica_lost(error):
@@ -356,6 +366,28 @@ class ModelServer:
         request = request_type.model_validate(_known_fields(body, request_type))
         # vLLM's methods take the HTTP request too, for its headers; there is none here.
         return await getattr(self._serving[endpoint], spec.method)(request, None)
+
+    async def _load_adapter(self, adapter: LoraAdapter) -> None:
+        """Load a LoRA adapter into this replica's engine unless it is there from the same path
+        (vLLM then resolves the body's `model` to it). A new path for a known name replaces the
+        adapter in place."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+
+        models = self._serving_models
+        async with self._adapter_locks[adapter.name]:  # its first requests load it once
+            loaded = models.lora_requests.get(adapter.name)
+            if loaded is not None and loaded.lora_path == adapter.path:
+                return
+            request = LoadLoRAAdapterRequest(
+                lora_name=adapter.name, lora_path=adapter.path, load_inplace=loaded is not None
+            )
+            result = await models.load_lora_adapter(request, base_model_name=self._model.id)
+        if isinstance(result, ErrorResponse):
+            message = f"LoRA adapter {adapter.name} could not be loaded: {result.error.message}"
+            logger.error("Model %s: %s", self._model.id, message)
+            raise engine_error(result.error.code, message, "model")
+        logger.info("Model %s: LoRA adapter %s loaded from %s.", self._model.id, adapter.name, adapter.path)
 
     def _engine_failure(self, exc: Exception) -> GatewayError:
         from vllm.v1.engine.exceptions import EngineDeadError

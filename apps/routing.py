@@ -122,13 +122,18 @@ def rank_by_prefix(prefix: str, replicas: list[RunningReplica]) -> list[RunningR
 
 def prompt_prefix(request: PendingRequest, chars: int) -> str:
     """The first `chars` characters of a request's prompt: a conversation's messages in order
-    (role and text), or a completion's prompt; "" when there is none (token ids, no body)."""
+    (role and text), or a completion's prompt, after the `model` the body names (a model or a
+    LoRA adapter); "" when there is none (token ids, no body)."""
     args = request.args
     endpoint = args[ENDPOINT_ARG] if len(args) > ENDPOINT_ARG else request.kwargs.get("endpoint")
     body = args[BODY_ARG] if len(args) > BODY_ARG else request.kwargs.get("body")
     if endpoint not in ENDPOINTS or not isinstance(body, dict):
         return ""
-    return prompt_text(ENDPOINTS[endpoint], body, chars)
+    text = prompt_text(ENDPOINTS[endpoint], body, chars)
+    model = body.get("model")
+    # A LoRA adapter's requests share a prefix with each other, not with the base model's (its
+    # KV cache is its own), and keep to the replicas that loaded it.
+    return f"{model}\n{text}" if text and isinstance(model, str) else text
 
 
 def prompt_text(spec: EndpointSpec, body: dict[str, Any], chars: int) -> str:

@@ -6,7 +6,8 @@ its first client warm. Two kinds of work:
 
 - one short built-in request, always: a fresh engine's first request pays one-off costs (the
   first request with log-probabilities took ~2 s on the tiny CPU model, against ~30 ms warm;
-  the built-in request asks for them, so that path is warm too);
+  the built-in request asks for them, so that path is warm too); and once through each LoRA
+  adapter the model's application was built with (loaded by then);
 - the model's configured hot prompts and named system prompts (`apps.prefixes`), `repeat` times
   each, one token each: their prefixes land in the prefix cache, so clients that share them skip
   that part of the prefill.
@@ -46,13 +47,16 @@ async def warm_up(model: ModelConfig, call: VllmCall) -> None:
         return
     started = time.monotonic()
     first_s = await _run(model, call, BUILT_IN, BUILT_IN_MAX_TOKENS, "built-in", BUILT_IN_EXTRA)
+    for adapter in model.lora_adapters:  # each adapter is a model of its own to its clients
+        label = f"built-in (adapter {adapter.name})"
+        await _run(model, call, BUILT_IN, BUILT_IN_MAX_TOKENS, label, BUILT_IN_EXTRA, adapter.name)
     hot = {f"#{index}": prompt for index, prompt in enumerate(model.warmup.prompts)}
     for name, text in model.system_prompts.items():
         hot[f"`{name}` (system prompt)"] = WarmupPrompt(messages=[{"role": "system", "content": text}])
     for _ in range(model.warmup.repeat):
         for label, prompt in hot.items():
             await _run(model, call, prompt, HOT_PROMPT_MAX_TOKENS, label)
-    count = 1 + model.warmup.repeat * len(hot)
+    count = 1 + len(model.lora_adapters) + model.warmup.repeat * len(hot)
     logger.info(
         "Model %s warmed up: %d requests in %.2fs; the first (a cold engine's) took %.0f ms.",
         model.id,
@@ -69,11 +73,12 @@ async def _run(
     max_tokens: int,
     label: str,
     extra: Mapping[str, Any] | None = None,
+    served_name: str | None = None,
 ) -> float:
-    """One warm-up request; its duration in seconds."""
+    """One warm-up request (to `served_name`, an adapter, or the model); its duration in seconds."""
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-    body: dict[str, Any] = {"model": model.id}
+    body: dict[str, Any] = {"model": served_name or model.id}
     if model.task == "embed":  # an embedding model embeds the prompt: nothing is generated
         endpoint, prompt_field = "embeddings", "input"
     else:

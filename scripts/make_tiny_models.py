@@ -5,13 +5,20 @@ synthetic text, with a chat template, saved the way a Hugging Face checkpoint is
 is gibberish; it exists so the whole serving stack (tokenizer, chat template, vLLM engine,
 tensor parallelism) runs for real on any laptop in seconds.
 
-    python scripts/make_tiny_models.py            # makes models/tiny-chat and models/tiny-chat-tp2
+Next to them it writes a LoRA adapter of tiny-chat in PEFT's on-disk format (by hand: peft is
+not a dependency), with random non-zero weights, so serving an adapter (vLLM's enable_lora,
+LoRARequest) runs for real too and visibly changes the output.
+
+    python scripts/make_tiny_models.py            # makes models/tiny-chat, models/tiny-chat-tp2
+                                                  # and the adapter models/tiny-chat-lora
     python scripts/make_tiny_models.py --force    # remakes them
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 from pathlib import Path
 
@@ -30,6 +37,12 @@ CHAT_TEMPLATE = (
 )
 # One entry per model of configs/app.yaml: directory name -> seed.
 TINY_MODELS = {"tiny-chat": 0, "tiny-chat-tp2": 1}
+# LoRA adapters of those models: directory name -> (base model's directory name, seed). Made
+# after the models, since an adapter's shapes come from its base's config.json.
+TINY_LORAS = {"tiny-chat-lora": ("tiny-chat", 2)}
+LORA_RANK = 8
+LORA_ALPHA = 16
+LORA_TARGET_MODULES = ["q_proj", "v_proj"]
 SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["th", "sh", "qu", "ng"]
 
 
@@ -93,8 +106,72 @@ def make_model(target: Path, seed: int) -> None:
     tokenizer.save_pretrained(target)
 
 
+def lora_shapes(base_config: dict) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each target module; v_proj is narrower under GQA."""
+    hidden = base_config["hidden_size"]
+    head_dim = base_config.get("head_dim") or hidden // base_config["num_attention_heads"]
+    return {
+        "q_proj": (hidden, base_config["num_attention_heads"] * head_dim),
+        "v_proj": (hidden, base_config["num_key_value_heads"] * head_dim),
+    }
+
+
+def make_lora(target: Path, base: Path, seed: int) -> None:
+    """Write the adapter the way PEFT saves one, so vLLM (and PEFT) load it unchanged."""
+    import torch
+    from safetensors.torch import save_file
+
+    base_config = json.loads((base / "config.json").read_text())
+    dtype = getattr(torch, base_config.get("dtype") or base_config.get("torch_dtype") or "bfloat16")
+    shapes = lora_shapes(base_config)
+    # A generator of its own, so the weights depend on the seed alone. Both A and B are random
+    # (PEFT starts B at zero, which would leave the output unchanged).
+    generator = torch.Generator().manual_seed(seed)
+
+    def random_weight(rows: int, columns: int) -> torch.Tensor:
+        return torch.normal(0.0, 0.5, (rows, columns), generator=generator).to(dtype)
+
+    tensors = {}
+    for layer in range(base_config["num_hidden_layers"]):
+        for module in LORA_TARGET_MODULES:
+            in_features, out_features = shapes[module]
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = random_weight(LORA_RANK, in_features)
+            tensors[f"{prefix}.lora_B.weight"] = random_weight(out_features, LORA_RANK)
+
+    # The fields PEFT writes for a plain LoRA; vLLM requires r, lora_alpha and target_modules
+    # and rejects an adapter whose other fields ask for what it does not implement.
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        # Relative to the repository, so the bytes do not depend on where it is checked out.
+        "base_model_name_or_path": os.path.relpath(base, ROOT),
+        "r": LORA_RANK,
+        "lora_alpha": LORA_ALPHA,
+        "target_modules": LORA_TARGET_MODULES,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    target.mkdir(parents=True, exist_ok=True)
+    config_text = json.dumps(adapter_config, indent=2, sort_keys=True) + "\n"
+    (target / "adapter_config.json").write_text(config_text)
+    save_file(tensors, target / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
 def ensure_tiny_models(force: bool = False) -> list[Path]:
-    """Make each tiny model that is missing (or all, with force); return their directories."""
+    """Make each tiny model and adapter that is missing (or all, with force); return their
+    directories."""
     made = []
     for name, seed in TINY_MODELS.items():
         target = MODELS_DIR / name
@@ -102,10 +179,16 @@ def ensure_tiny_models(force: bool = False) -> list[Path]:
             make_model(target, seed)
             print(f"made {target}")
         made.append(target)
+    for name, (base_name, seed) in TINY_LORAS.items():
+        target = MODELS_DIR / name
+        if force or not (target / "adapter_config.json").exists():
+            make_lora(target, MODELS_DIR / base_name, seed)
+            print(f"made {target}")
+        made.append(target)
     return made
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--force", action="store_true", help="remake models that already exist")
+    parser.add_argument("--force", action="store_true", help="remake models and adapters that exist")
     ensure_tiny_models(force=parser.parse_args().force)

@@ -66,6 +66,29 @@ def test_split_puts_live_settings_apart_from_engines_and_composes_back():
     assert compose_args(deployed(applications)) == WHOLE
 
 
+def test_lora_adapters_are_live_and_the_engines_lora_limits_are_not():
+    whole = copy.deepcopy(WHOLE)
+    adapters = [{"name": "m1-sql", "path": "/a"}]
+    whole["models"][0]["lora"] = {"adapters": adapters, "max_lora_rank": 8}
+    by_name = {app["name"]: app["args"] for app in split_args(whole)}
+    assert by_name["model-m1"]["lora"] == {"max_lora_rank": 8}
+    assert by_name["llm-settings"]["models"][0]["lora"] == {"adapters": adapters}
+    assert compose_args(deployed(split_args(whole))) == whole
+    # Adapters only: the model's application still says LoRA is on (it shapes the engine).
+    whole["models"][0]["lora"] = {"adapters": adapters}
+    assert {app["name"]: app["args"] for app in split_args(whole)}["model-m1"]["lora"] == {}
+    edited = copy.deepcopy(whole)
+    edited["models"][0]["lora"]["adapters"].append({"name": "m1-chat", "path": "/b"})
+    before, after = deployed(split_args(whole)), deployed(split_args(edited))
+    assert sorted(name for name in before if before[name] != after[name]) == ["llm-settings"]
+    # Adapters for a model whose engine has no LoRA are refused, naming where to switch it on.
+    applications = deployed(split_args(whole))
+    import_path, model_args = applications["model-m1"]
+    applications["model-m1"] = (import_path, {k: v for k, v in model_args.items() if k != "lora"})
+    with pytest.raises(PartError, match="switch LoRA on with `lora:` in its application"):
+        compose_args(applications)
+
+
 def test_a_limits_or_replica_count_edit_changes_only_the_settings_application():
     edited = copy.deepcopy(WHOLE)
     edited["models"][0]["limits"]["max_tokens_cap"] = 290
@@ -96,6 +119,8 @@ def test_an_engine_edit_changes_only_that_models_application():
             "replicas.max_surge_percent",
             r"llm-settings: models.0.replicas: \['max_surge_percent'\] do not belong here",
         ),
+        ("model-m1", "lora.adapters", r"model-m1: lora: \['adapters'\] do not belong here"),
+        ("llm-settings", "lora.max_loras", r"llm-settings: models.0.lora: \['max_loras'\] do not belong here"),
     ],
 )
 def test_a_field_in_the_wrong_application_is_named(where, field, message):

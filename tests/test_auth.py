@@ -280,3 +280,11 @@ def test_cli_without_new_name_prints_usage_and_fails():
     )
     assert result.returncode == 2 and result.stdout == ""
     assert "python -m apps.auth new NAME" in result.stderr
+
+
+def test_an_x_api_key_header_authenticates_as_anthropics_clients_send_it(table):
+    bearer = table.authenticate(f"Bearer {ALICE_KEY}")
+    assert table.authenticate(None, ALICE_KEY) == bearer
+    assert table.authenticate(f"Bearer {ALICE_KEY}", "sk-something-else") == bearer, "Authorization wins"
+    with pytest.raises(Unauthorized):
+        table.authenticate(None, "sk-wrong")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from apps.config import ConfigError, load_config
-from tests.conftest import CONFIGS, app_args
+from tests.conftest import CONFIGS, ROOT, app_args
 
 
 def one_model(path: str, **fields: Any) -> dict[str, Any]:
@@ -121,3 +121,19 @@ def test_checkpoint_config_that_is_not_an_object_is_a_config_error(make_checkpoi
     (Path(path) / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="is not a JSON object"):
         load_config(one_model(path))
+
+
+def test_lora_adapters_need_a_generative_model_and_names_of_their_own():
+    def config(**model):
+        args = {"models": [{"id": "m", "path": "/x", **model}]}
+        return load_config(args, check_model_files=False)
+
+    adapters = {"adapters": [{"name": "m-sql", "path": "/a"}]}
+    assert [a.name for a in config(lora=adapters).models[0].lora_adapters] == ["m-sql"]
+    with pytest.raises(ConfigError, match="LoRA adapters need a `generate` model"):
+        config(task="embed", lora=adapters)
+    with pytest.raises(ConfigError, match=r"Duplicate model ids \['m'\]"):
+        config(lora={"adapters": [{"name": "m", "path": "/a"}]})
+    with pytest.raises(ConfigError, match="adapter_config.json missing"):
+        model = {"id": "m", "path": str(ROOT / "models/tiny-chat")}
+        load_config({"models": [model | {"lora": {"adapters": [{"name": "a", "path": "/nowhere"}]}}]})

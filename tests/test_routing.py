@@ -96,6 +96,14 @@ def test_responses_and_messages_are_routed_by_their_turns_like_a_chat():
     assert prompt_prefix(FakePending(args=["responses", text_input], kwargs={}), 100) == "user:Hi\n"
 
 
+def test_an_adapters_requests_share_a_prefix_apart_from_their_base_models():
+    base = {"model": "tiny-chat", "prompt": "Once upon a time"}
+    adapter = base | {"model": "tiny-chat-lora"}
+    prefixes = [prompt_prefix(FakePending(args=["completion", body], kwargs={}), 100) for body in (base, adapter)]
+    assert prefixes == ["tiny-chat\nOnce upon a time", "tiny-chat-lora\nOnce upon a time"]
+    assert prompt_prefix(FakePending(args=["completion", {"model": "m", "prompt": [1, 2]}], kwargs={}), 100) == ""
+
+
 def test_no_body_means_no_prefix():
     assert prompt_prefix(FakePending(args=["chat"], kwargs={}), 10) == ""
     assert prompt_prefix(FakePending(args=["chat", "not a dict"], kwargs={}), 10) == ""

@@ -201,3 +201,75 @@ def test_a_body_that_arrives_in_time_is_read_whole():
         {"type": "http.request", "body": b"1}", "more_body": False},
     )
     assert asyncio.run(read_body(request, 1000, timeout_s=5)) == b'{"a":1}'
+
+
+# --- the endpoints beyond chat and completions (apps.endpoints) --------------------------------
+
+POOLING_LIMITS = RequestLimits(max_inputs=3)
+
+
+def test_responses_and_messages_cap_their_own_output_field():
+    shaped = shape_request({"model": "tiny", "input": "hi"}, "responses", "tiny", LIMITS)
+    assert shaped.body["max_output_tokens"] == 100 and shaped.body["store"] is False
+    with pytest.raises(InvalidRequest) as raised:
+        shape_request({"model": "tiny", "input": "hi", "max_output_tokens": 201}, "responses", "tiny", LIMITS)
+    assert (raised.value.param, raised.value.code) == ("max_output_tokens", "max_tokens_too_large")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+    assert shape_request(body, "messages", "tiny", LIMITS).body["max_tokens"] == 50
+    with pytest.raises(InvalidRequest) as raised:
+        shape_request(body | {"stop_sequences": ["a", "b", "c"]}, "messages", "tiny", LIMITS)
+    assert raised.value.param == "stop_sequences"
+
+
+@pytest.mark.parametrize("field", ["store", "previous_response_id", "background"])
+def test_stored_responses_are_refused_naming_the_field(field):
+    value = "resp_1" if field == "previous_response_id" else True
+    with pytest.raises(InvalidRequest) as raised:
+        shape_request({"model": "tiny", "input": "hi", field: value}, "responses", "tiny", LIMITS)
+    assert (raised.value.param, raised.value.code) == (field, "unsupported_parameter")
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [({"best_of": 1}, None), ({"n": 2, "best_of": 2}, None), ({"best_of": 2}, "unsupported_parameter"),
+     ({"best_of": 0}, "invalid_request"), ({"best_of": True}, "invalid_request")],
+)  # fmt: skip
+def test_best_of_is_accepted_only_when_it_changes_nothing(fields, code):
+    body = {"model": "tiny", "prompt": "p", **fields}
+    if code is None:
+        shaped = shape_request(body, "completion", "tiny", LIMITS)
+        assert "best_of" not in shaped.body
+        assert shaped.reserved_tokens == 1 + fields.get("n", 1) * 100
+    else:
+        with pytest.raises(InvalidRequest) as raised:
+            shape_request(body, "completion", "tiny", LIMITS)
+        assert (raised.value.param, raised.value.code) == ("best_of", code)
+
+
+def test_every_conversation_is_estimated_like_a_chat():
+    text = "x" * 40  # 10 tokens
+    chat_body = {"messages": [{"role": "system", "content": text}, {"role": "user", "content": text}]}
+    responses = {"instructions": text, "input": [{"role": "user", "content": [{"type": "input_text", "text": text}]}]}
+    messages = {"system": text, "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
+    estimates = {prompt_estimate(b, e) for e, b in (("chat", chat_body), ("responses", responses), ("messages", messages))}
+    assert estimates == {2 * 10 + 2 * 4}
+    assert prompt_estimate({"input": "x" * 40}, "responses") == 10 + 4
+
+
+def test_pooling_inputs_are_counted_capped_and_reserved_without_output():
+    shaped = shape_request({"model": "e", "input": ["x" * 40, [1, 2, 3]]}, "embeddings", "e", POOLING_LIMITS)
+    assert (shaped.max_tokens, shaped.reserved_tokens) == (0, 10 + 3)
+    rerank = {"model": "e", "query": "x" * 4, "documents": ["y" * 4, "z" * 4]}
+    assert shape_request(rerank, "rerank", "e", POOLING_LIMITS).reserved_tokens == 3
+    for endpoint, body in (("embeddings", {"input": ["a"] * 4}), ("rerank", {"query": "q", "documents": ["d"] * 3})):
+        with pytest.raises(InvalidRequest) as raised:
+            shape_request(body, endpoint, "e", POOLING_LIMITS)
+        assert raised.value.code == "too_many_inputs"
+    with pytest.raises(InvalidRequest) as raised:
+        shape_request({"input": "a", "encoding_format": "bytes"}, "embeddings", "e", POOLING_LIMITS)
+    assert raised.value.param == "encoding_format"
+
+
+def test_tokenize_reserves_nothing():
+    shaped = shape_request({"model": "t", "prompt": "x" * 400}, "tokenize", "t", LIMITS)
+    assert (shaped.max_tokens, shaped.reserved_tokens) == (0, 0)
