@@ -71,7 +71,9 @@ def gateway() -> Iterator[str]:
     # The embedded default's named system prompt is longer than this prompt cap (its warm-up
     # would refuse to start the replica, saying so); the built-in warm-up request still runs.
     del tiny["system_prompts"]
+    # A second model with tiny-chat's settings; adapter names are unique, so not its LoRA adapter.
     queue = json.loads(json.dumps(tiny)) | {"id": "tiny-queue"}
+    del queue["lora"]
     # Per ingress replica: 2 in flight, 8 waiting; low is shed from 4 waiting, normal from 7.
     queue["admission"] = {"max_in_flight": 4, "max_queued": 16}
     queue["limits"] |= {"over_cap": "clamp", "max_tokens_cap": QUEUE_MAX_TOKENS_CAP}

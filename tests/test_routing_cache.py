@@ -28,6 +28,7 @@ WORDS = "order shipping refund parcel invoice account address delivery return wa
 def gateway() -> Iterator[str]:
     (tiny,) = [m for m in app_args("app.yaml", local_paths=True)["models"] if m["id"] == "tiny-chat"]
     del tiny["system_prompts"]  # no warm prompts: every prefix starts cold on every replica
+    del tiny["lora"]  # two models made from it: an adapter name is one model's
     models = []
     for model_id, policy in (("tiny-prefix", "prefix_affinity"), ("tiny-p2c", "power_of_two")):
         models.append(
