@@ -287,15 +287,3 @@ def _earliest(*deadlines: float | None) -> float | None:
     given = [d for d in deadlines if d is not None]
     return min(given) if given else None
 
-
-class Ungated:
-    """The gate of a request that takes no engine slot (tokenize): always open."""
-
-    async def acquire(self, priority: Priority, deadline: float | None = None) -> None:
-        return None
-
-    def release(self) -> None:
-        return None
-
-
-NO_GATE = Ungated()

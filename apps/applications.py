@@ -114,7 +114,7 @@ def split_args(args: Mapping[str, Any]) -> list[dict[str, Any]]:
             k: copy.deepcopy(v) for k, v in model.items() if k not in MODEL_SETTINGS_FIELDS - {"id"}
         }
         for section, live_fields in SPLIT_SECTIONS.items():
-            if section not in model:
+            if model.get(section) is None:  # absent, or null: the defaults (LoRA off)
                 continue
             fields = dict(model[section] or {})
             live_part = {k: copy.deepcopy(v) for k, v in fields.items() if k in live_fields}

@@ -476,12 +476,7 @@ class LoraAdapter(StrictModel):
     @field_validator("path")
     @classmethod
     def _resolve_path(cls, path: str, info: ValidationInfo) -> str:
-        if not _checks_model_files(info):
-            return path
-        resolved = Path(path).expanduser().resolve()
-        if not (resolved / "adapter_config.json").is_file():
-            raise ValueError(f"no LoRA adapter at {resolved} (adapter_config.json missing).")
-        return str(resolved)
+        return _local_directory(path, info, "adapter_config.json", "LoRA adapter")
 
 
 class LoraSettings(StrictModel):
@@ -504,6 +499,21 @@ class LoraSettings(StrictModel):
         description="Adapters a replica keeps loaded (vLLM `max_cpu_loras`; least recently used "
         "leave first). None: max_loras.",
     )
+
+    @model_validator(mode="after")
+    def _ranks_fit(self, info: ValidationInfo) -> LoraSettings:
+        # Where the adapters' files are checked (a model's build), so is their rank: vLLM would
+        # refuse a larger one at its first request.
+        if not _checks_model_files(info):
+            return self
+        for adapter in self.adapters:
+            rank = json.loads((Path(adapter.path) / "adapter_config.json").read_text()).get("r")
+            if isinstance(rank, int) and rank > self.max_lora_rank:
+                raise ValueError(
+                    f"adapter {adapter.name} has rank {rank}, above max_lora_rank "
+                    f"({self.max_lora_rank}): raise max_lora_rank."
+                )
+        return self
 
 
 class ModelConfig(StrictModel):
@@ -557,15 +567,8 @@ class ModelConfig(StrictModel):
     @field_validator("path")
     @classmethod
     def _resolve_path(cls, path: str, info: ValidationInfo) -> str:
-        if not _checks_model_files(info):
-            return path
-        resolved = Path(path).expanduser().resolve()
-        if not (resolved / "config.json").is_file():
-            raise ValueError(
-                f"no model checkpoint at {resolved} (config.json missing). For the embedded "
-                "default run `python scripts/make_tiny_models.py`."
-            )
-        return str(resolved)
+        hint = " For the embedded default run `python scripts/make_tiny_models.py`."
+        return _local_directory(path, info, "config.json", "model checkpoint", hint)
 
     @property
     def lora_adapters(self) -> list[LoraAdapter]:
@@ -777,6 +780,17 @@ class AppConfig(StrictModel):
             if unknown:
                 logger.warning("Key %r names models that are not served: %s", key.name, unknown)
         return self
+
+
+def _local_directory(path: str, info: ValidationInfo, marker: str, what: str, hint: str = "") -> str:
+    """`path` made absolute, when the validation checks files (`check_model_files`): refused
+    unless it holds `marker` (a `what`; `hint` says how to make it)."""
+    if not _checks_model_files(info):
+        return path
+    resolved = Path(path).expanduser().resolve()
+    if not (resolved / marker).is_file():
+        raise ValueError(f"no {what} at {resolved} ({marker} missing).{hint}")
+    return str(resolved)
 
 
 class ConfigError(ValueError):

@@ -7,17 +7,19 @@ and accounted, and which of vLLM's serving objects answers it.
     completion   /v1/completions         generate        max_tokens                   openai_serving_completion
     responses    /v1/responses           generate        max_output_tokens            openai_serving_responses
     messages     /v1/messages            generate        max_tokens                   anthropic_serving_messages
+    count_tokens /v1/messages/count_tokens  generate     (the tokenizer only)         anthropic_serving_messages
     embeddings   /v1/embeddings          embed           (pooling: none)              serving_embedding
     score        /v1/score               embed           (pooling: none)              serving_scores
     rerank       /v1/rerank              embed           (pooling: none)              serving_scores
-    tokenize     /tokenize               any             (no engine)                  serving_tokenization
-    detokenize   /detokenize             any             (no engine)                  serving_tokenization
+    tokenize     /tokenize               any             (the tokenizer only)         serving_tokenization
+    detokenize   /detokenize             any             (the tokenizer only)         serving_tokenization
 
 Every endpoint takes the same corridor through the ingress (`apps.ingress`): authenticate, read,
 authorize, shape (`apps.validation`, with the table's rules), reserve, admit, route, engine,
-relay, account. A pooling request reserves its inputs' tokens and an admission slot; tokenize
-takes no slot and reserves no tokens (a rate-limited key pays one request for it). Errors are
-OpenAI's, except on /v1/messages (Anthropic's).
+relay, account. A pooling request reserves its inputs' tokens; tokenize reserves none (a
+rate-limited key pays one request for it) and holds its admission slot for the milliseconds it
+runs (a slot of the model's replicas too: left out of the gate, a flood of them would fill the
+replicas under the gate's count). Errors are OpenAI's, except on /v1/messages (Anthropic's).
 
 A body's prompt reads one of two ways: a conversation (chat, Responses, Messages, a chat
 tokenize), given as chat messages (`conversation`), or a list of prompts (`prompts`: a
@@ -35,7 +37,16 @@ from apps.config import ModelTask
 from apps.errors import ErrorStyle, InvalidRequest
 
 Endpoint = Literal[
-    "chat", "completion", "responses", "messages", "embeddings", "score", "rerank", "tokenize", "detokenize"
+    "chat",
+    "completion",
+    "responses",
+    "messages",
+    "count_tokens",
+    "embeddings",
+    "score",
+    "rerank",
+    "tokenize",
+    "detokenize",
 ]
 GENERATE: frozenset[ModelTask] = frozenset({"generate"})
 EMBED: frozenset[ModelTask] = frozenset({"embed"})
@@ -220,12 +231,11 @@ class EndpointSpec:
     json_options: Mapping[str, bool] = field(default_factory=dict)
     stop_field: str | None = None  # the body's list of stop sequences
     choices: bool = False  # the body may ask for several choices (`n`)
-    engine_slot: bool = True  # takes an admission slot (all but tokenize)
     pooling: bool = False  # one engine pass per input, capped by `limits.max_inputs`
     resumable: bool = False  # a stream that may continue on another replica (`apps.resume`)
     # The endpoint's own checks of a body (400), and the body it forwards.
     rule: Callable[[dict[str, Any]], dict[str, Any]] = lambda body: body
-    errors: ErrorStyle = "openai"
+    errors: ErrorStyle = "openai"  # its error bodies and stream error events (`apps.errors`)
 
 
 _PROTOCOL = "vllm.entrypoints"
@@ -277,6 +287,7 @@ ENDPOINTS: dict[Endpoint, EndpointSpec] = {
             "create_responses",
             json_options={"by_alias": True},
             rule=responses_rule,
+            errors="responses",
         ),
         EndpointSpec(
             "messages",
@@ -291,6 +302,20 @@ ENDPOINTS: dict[Endpoint, EndpointSpec] = {
             "create_messages",
             json_options={"exclude_none": True},
             stop_field="stop_sequences",
+            errors="anthropic",
+        ),
+        EndpointSpec(
+            "count_tokens",  # Anthropic's messages.count_tokens: the prompt's tokens
+            "/v1/messages/count_tokens",
+            GENERATE,
+            (),
+            None,
+            anthropic_turns,
+            no_prompts,
+            (f"{_PROTOCOL}.anthropic.protocol:AnthropicCountTokensRequest",),
+            "anthropic_serving_messages",
+            "count_tokens",
+            json_options={"exclude_none": True},
             errors="anthropic",
         ),
         EndpointSpec(
@@ -358,7 +383,6 @@ ENDPOINTS: dict[Endpoint, EndpointSpec] = {
             ),
             "serving_tokenization",
             "create_tokenize",
-            engine_slot=False,
             rule=messages_rule,
         ),
         EndpointSpec(
@@ -372,14 +396,22 @@ ENDPOINTS: dict[Endpoint, EndpointSpec] = {
             (f"{_PROTOCOL}.serve.tokenize.protocol:DetokenizeRequest",),
             "serving_tokenization",
             "create_detokenize",
-            engine_slot=False,
         ),
     )
 }
 ENDPOINTS_BY_PATH: dict[str, EndpointSpec] = {spec.path: spec for spec in ENDPOINTS.values()}
 
 
-def error_style(path: str) -> ErrorStyle:
-    """How errors are written on `path`: Anthropic's format on its Messages endpoint."""
-    spec = ENDPOINTS_BY_PATH.get(path)
+def endpoint_of(scope: Mapping[str, Any]) -> EndpointSpec | None:
+    """The endpoint an HTTP request's scope is for, if any: by its path within the app (without
+    the prefix the app is mounted at, Serve's `route_prefix`)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return ENDPOINTS_BY_PATH.get(path)
+
+
+def error_style(scope: Mapping[str, Any]) -> ErrorStyle:
+    """How errors are written for a request: Anthropic's format on its Messages endpoint."""
+    spec = endpoint_of(scope)
     return spec.errors if spec is not None else "openai"

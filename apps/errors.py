@@ -36,8 +36,9 @@ from ray.serve.exceptions import (
 )
 
 JSON_MEDIA_TYPE = "application/json"
-# Error objects are OpenAI's, except on Anthropic's Messages endpoint (`apps.endpoints`).
-ErrorStyle = Literal["openai", "anthropic"]
+# Error objects are OpenAI's, except on Anthropic's Messages endpoint (`apps.endpoints`); the
+# Responses API has a stream error event of its own.
+ErrorStyle = Literal["openai", "anthropic", "responses"]
 # Anthropic's error types by status (https://docs.anthropic.com/en/api/errors).
 ANTHROPIC_ERROR_TYPES = {
     400: "invalid_request_error",
@@ -231,9 +232,12 @@ def error_json(error: GatewayError, style: ErrorStyle = "openai") -> bytes:
 
 def error_event(error: GatewayError, style: ErrorStyle = "openai") -> bytes:
     """The error as the last events of a stream whose 200 headers are already sent: vLLM's way
-    (an error object, then `[DONE]`), or Anthropic's `error` event."""
+    (an error object, then `[DONE]`), Anthropic's `error` event, or the Responses API's."""
     if style == "anthropic":
         return b"event: error\ndata: " + error_json(error, style) + b"\n\n"
+    if style == "responses":
+        event = {"type": "error", "code": error.code, "message": error.message, "param": error.param}
+        return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
     return b"data: " + error_json(error) + b"\n\ndata: [DONE]\n\n"
 
 

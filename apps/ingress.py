@@ -14,7 +14,7 @@ Every POST endpoint is a row of `apps.endpoints.ENDPOINTS` and takes the same wa
     -> does the model's task serve this endpoint (400), named system prompt, volatile-prefix
        check, shape (400)
     -> reserve the key's request and tokens in the shared limiter (429)
-    -> wait for a slot of the model (503 when full, shed or out of time; not for tokenize)
+    -> wait for a slot of the model (503 when full, shed or out of time)
     -> call the model server: a replica accepts within the queue timeout (else 503
        engine_unavailable), its head comes within the time-to-first-token timeout (504); a call
        whose replica is lost before its head is sent again to another (`apps.failover`)
@@ -46,11 +46,11 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.schema import ReplicaState, ServeStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from apps.admission import NO_GATE, ModelGate, ModelRoute, Ungated, until
+from apps.admission import ModelGate, ModelRoute, until
 from apps.applications import deployment_name
 from apps.auth import Caller
 from apps.config import AppConfig, LoraAdapter, ModelConfig
-from apps.endpoints import ENDPOINTS_BY_PATH, EndpointSpec, error_style
+from apps.endpoints import ENDPOINTS_BY_PATH, EndpointSpec, endpoint_of, error_style
 from apps.errors import (
     DeadlineExceeded,
     EngineUnavailable,
@@ -140,7 +140,7 @@ def _head_error(head: ResponseHead) -> GatewayError:
 @app.exception_handler(GatewayError)
 async def _gateway_error(request: Request, error: GatewayError) -> JSONResponse:
     request_record(request).reason = error.code
-    body = error_body(error, error_style(request.url.path))
+    body = error_body(error, error_style(request.scope))
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
@@ -149,7 +149,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     # Routing answers: 404 for an unknown path, 405 (with its Allow header) for a wrong method.
     error = RouteNotFound(str(exc.detail), status=exc.status_code)
     request_record(request).reason = error.code
-    return JSONResponse(error_body(error), status_code=error.status, headers=exc.headers)
+    body = error_body(error, error_style(request.scope))
+    return JSONResponse(body, status_code=error.status, headers=exc.headers)
 
 
 @app.exception_handler(Exception)
@@ -194,7 +195,9 @@ class Ingress:
 
     async def serve_endpoint(self, request: Request) -> Response:
         """Every POST endpoint of `apps.endpoints`, by its path."""
-        return await self._forward(request, ENDPOINTS_BY_PATH[request.url.path])
+        endpoint = endpoint_of(request.scope)
+        assert endpoint is not None  # this handler serves the table's paths only
+        return await self._forward(request, endpoint)
 
     for _path in ENDPOINTS_BY_PATH:
         serve_endpoint = app.post(_path)(serve_endpoint)
@@ -300,7 +303,7 @@ class Ingress:
         head_due, total_due = route.deadlines(record.arrived, record.stream)
         loop = asyncio.get_running_loop()
         queued = loop.time()
-        gate = route.gate if call.endpoint.engine_slot else NO_GATE  # tokenize takes no engine slot
+        gate = route.gate
         try:
             await gate.acquire(call.caller.priority, head_due)
         except BaseException:
@@ -487,7 +490,7 @@ class Ingress:
         )
 
     def _stream_closed(
-        self, gate: ModelGate | Ungated, reservation: str | None, record: RequestRecord, end: StreamEnd
+        self, gate: ModelGate, reservation: str | None, record: RequestRecord, end: StreamEnd
     ) -> None:
         gate.release()
         record.usage = end.usage or record.usage

@@ -22,6 +22,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -138,9 +139,7 @@ class ModelServer:
         self._serving_models = state.openai_serving_models
         self._adapter_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         restore_serve_logging()
-        for adapter in model.lora_adapters:  # those configured when this application was built
-            await self._load_adapter(adapter)
-        await warm_up(model, self._call_vllm)
+        await warm_up(model, self._call_vllm, await self._preload_adapters(model))
         self._first_request_logged = False
         self._open_streams = 0
         replica_id = serve.get_replica_context().replica_id.unique_id
@@ -212,9 +211,7 @@ class ModelServer:
     ) -> AsyncIterator[ResponseHead | bytes | TokenChunk | LastChunk]:
         spec = ENDPOINTS[endpoint]
         try:
-            if adapter is not None:
-                await self._load_adapter(adapter)
-            result = await self._start(endpoint, body)
+            result = await self._start(endpoint, body, adapter)
         except GatewayError as error:
             if is_replica_lost(error):
                 settle.abandon()  # the ingress tries another replica with this reservation
@@ -318,13 +315,18 @@ class ModelServer:
     def _events_per_message(self) -> int:
         return events_per_message(self._open_streams, self._model.replicas.stream_messages_per_step)
 
-    async def _start(self, endpoint: Endpoint, body: dict[str, Any]) -> BaseModel | AsyncIterator[str]:
-        """Validate with vLLM's protocol model and submit; the stream or the full response."""
+    async def _start(
+        self, endpoint: Endpoint, body: dict[str, Any], adapter: LoraAdapter | None = None
+    ) -> BaseModel | AsyncIterator[str]:
+        """Validate with vLLM's protocol model and submit (through `adapter`, loaded first);
+        the stream or the full response."""
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        if self._engine.errored:
+        if self._engine.errored:  # before anything else: the ingress tries another replica
             raise self._engine_failure(self._engine.dead_error)
+        if adapter is not None:
+            await self._load_adapter(adapter)
         serving = self._serving[endpoint]
         if serving is None:
             raise InvalidRequest(
@@ -367,6 +369,20 @@ class ModelServer:
         # vLLM's methods take the HTTP request too, for its headers; there is none here.
         return await getattr(self._serving[endpoint], spec.method)(request, None)
 
+    async def _preload_adapters(self, model: ModelConfig) -> list[LoraAdapter]:
+        """Load the adapters configured when the model's application was built; those that
+        fail are left to their first request (one may have been removed since, live, with its
+        files: it must not keep the base model from starting)."""
+        loaded = []
+        for adapter in model.lora_adapters:
+            try:
+                await self._load_adapter(adapter)
+            except GatewayError as error:
+                logger.warning("Model %s: adapter %s not preloaded: %s", model.id, adapter.name, error.message)
+            else:
+                loaded.append(adapter)
+        return loaded
+
     async def _load_adapter(self, adapter: LoraAdapter) -> None:
         """Load a LoRA adapter into this replica's engine unless it is there from the same path
         (vLLM then resolves the body's `model` to it). A new path for a known name replaces the
@@ -375,25 +391,34 @@ class ModelServer:
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
         models = self._serving_models
+        # The ingress's settings hold the path as configured: relative to the working directory,
+        # which Serve's processes share.
+        path = str(Path(adapter.path).expanduser().resolve())
         async with self._adapter_locks[adapter.name]:  # its first requests load it once
             loaded = models.lora_requests.get(adapter.name)
-            if loaded is not None and loaded.lora_path == adapter.path:
+            if loaded is not None and loaded.lora_path == path:
                 return
             request = LoadLoRAAdapterRequest(
-                lora_name=adapter.name, lora_path=adapter.path, load_inplace=loaded is not None
+                lora_name=adapter.name, lora_path=path, load_inplace=loaded is not None
             )
             result = await models.load_lora_adapter(request, base_model_name=self._model.id)
         if isinstance(result, ErrorResponse):
             message = f"LoRA adapter {adapter.name} could not be loaded: {result.error.message}"
             logger.error("Model %s: %s", self._model.id, message)
             raise engine_error(result.error.code, message, "model")
-        logger.info("Model %s: LoRA adapter %s loaded from %s.", self._model.id, adapter.name, adapter.path)
+        logger.info("Model %s: LoRA adapter %s loaded from %s.", self._model.id, adapter.name, path)
 
     def _engine_failure(self, exc: Exception) -> GatewayError:
+        from vllm.exceptions import VLLMClientError, VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if isinstance(exc, EngineDeadError):
             return EngineUnavailable(f"The engine of model {self._model.id} has stopped.")
+        if isinstance(exc, VLLMClientError):
+            # Raised inside a stream by the request's own fault (the Responses API renders and
+            # submits lazily, so a prompt over the cap surfaces here): the client's error.
+            param = exc.parameter if isinstance(exc, VLLMValidationError) else None
+            return InvalidRequest(exc.args[0] if exc.args else str(exc), param=param)
         logger.error("Request to model %s failed: %r", self._model.id, exc)
         return InternalError("The engine failed to process the request.")
 

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from apps.endpoints import ENDPOINTS, Endpoint, completion_prompts
+from apps.endpoints import ENDPOINTS, Endpoint
 
 # Resumes of one stream before the ingress gives up and ends it with an error event.
 MAX_RESUMES = 2
@@ -61,7 +61,7 @@ def resume_refusal(endpoint: Endpoint, body: Mapping[str, Any]) -> str | None:
         return f"a {endpoint} stream"
     if (body.get("n") or 1) != 1 or body.get("best_of") not in (None, 1):
         return "several choices"
-    if endpoint == "completion" and len(completion_prompts(body.get("prompt"))) != 1:
+    if len(ENDPOINTS[endpoint].prompts(body)) > 1:
         return "several prompts"
     if body.get("seed") is not None:
         return "a fixed seed"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from apps.endpoints import ENDPOINTS_BY_PATH
+from apps.endpoints import endpoint_of
 from apps.errors import CLIENT_CLOSED_REQUEST
 from apps.metrics import NO_MODEL, UNAUTHENTICATED, ingress_metrics
 from apps.usage import Usage
@@ -96,7 +96,7 @@ class RequestTelemetry:
             return
         loop = asyncio.get_running_loop()
         record = RequestRecord(request_id=_request_id(scope), arrived=loop.time())
-        spec = ENDPOINTS_BY_PATH.get(scope.get("path", ""))
+        spec = endpoint_of(scope)
         if spec is not None:
             record.endpoint = spec.name
         scope[RECORD_SCOPE_KEY] = record

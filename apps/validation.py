@@ -121,7 +121,7 @@ def shape_request(
         if spec.pooling:
             _check_inputs(spec.prompts(body), limits.max_inputs)
         # A pooling request costs its inputs' tokens; tokenize costs no engine work.
-        reserved = prompt_estimate(body, endpoint) if spec.engine_slot else 0
+        reserved = prompt_estimate(body, endpoint) if spec.pooling else 0
         return ShapedRequest(model_id, body, 0, False, reserved)
     choices = _choices(body, limits.max_n) if spec.choices else 1
     max_tokens, clamped = _max_tokens(body, spec, model_id, limits)

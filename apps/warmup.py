@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from apps.config import ModelConfig, WarmupPrompt
+from apps.config import LoraAdapter, ModelConfig, WarmupPrompt
 
 logger = logging.getLogger("ray.serve")
 BUILT_IN = WarmupPrompt(messages=[{"role": "user", "content": "Hello."}])
@@ -40,14 +40,15 @@ class WarmupFailed(RuntimeError):
 VllmCall = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
-async def warm_up(model: ModelConfig, call: VllmCall) -> None:
-    """Run the built-in request, then every hot prompt `repeat` times, through vLLM's serving
-    layer (so chat templates are exercised as clients will). Raises `WarmupFailed`."""
+async def warm_up(model: ModelConfig, call: VllmCall, adapters: Sequence[LoraAdapter] = ()) -> None:
+    """Run the built-in request (also through each of `adapters`, loaded LoRA adapters), then
+    every hot prompt `repeat` times, through vLLM's serving layer (so chat templates are
+    exercised as clients will). Raises `WarmupFailed`."""
     if not model.warmup.enabled:
         return
     started = time.monotonic()
     first_s = await _run(model, call, BUILT_IN, BUILT_IN_MAX_TOKENS, "built-in", BUILT_IN_EXTRA)
-    for adapter in model.lora_adapters:  # each adapter is a model of its own to its clients
+    for adapter in adapters:  # each adapter (loaded) is a model of its own to its clients
         label = f"built-in (adapter {adapter.name})"
         await _run(model, call, BUILT_IN, BUILT_IN_MAX_TOKENS, label, BUILT_IN_EXTRA, adapter.name)
     hot = {f"#{index}": prompt for index, prompt in enumerate(model.warmup.prompts)}
@@ -56,7 +57,7 @@ async def warm_up(model: ModelConfig, call: VllmCall) -> None:
     for _ in range(model.warmup.repeat):
         for label, prompt in hot.items():
             await _run(model, call, prompt, HOT_PROMPT_MAX_TOKENS, label)
-    count = 1 + len(model.lora_adapters) + model.warmup.repeat * len(hot)
+    count = 1 + len(adapters) + model.warmup.repeat * len(hot)
     logger.info(
         "Model %s warmed up: %d requests in %.2fs; the first (a cold engine's) took %.0f ms.",
         model.id,

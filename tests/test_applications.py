@@ -81,6 +81,10 @@ def test_lora_adapters_are_live_and_the_engines_lora_limits_are_not():
     edited["models"][0]["lora"]["adapters"].append({"name": "m1-chat", "path": "/b"})
     before, after = deployed(split_args(whole)), deployed(split_args(edited))
     assert sorted(name for name in before if before[name] != after[name]) == ["llm-settings"]
+    # `lora: null` is LoRA off, as if absent.
+    whole["models"][1]["lora"] = None
+    assert "lora" not in {app["name"]: app["args"] for app in split_args(whole)}["model-org_m2"]
+    del whole["models"][1]["lora"]
     # Adapters for a model whose engine has no LoRA are refused, naming where to switch it on.
     applications = deployed(split_args(whole))
     import_path, model_args = applications["model-m1"]

@@ -218,6 +218,10 @@ CASES = [
     # The gateway fills in the model's default max_tokens (Anthropic requires the field).
     Case("messages without max_tokens", "/v1/messages", {"model": "tiny-chat", "messages": MESSAGES}, 2, 4),
     Case("messages bad role", "/v1/messages", messages(messages=[{"role": "wizard", "content": "x"}]), 4, 4),
+    Case("messages count_tokens", "/v1/messages/count_tokens", {"model": "tiny-chat", "messages": MESSAGES}),
+    Case(
+        "messages count_tokens missing messages", "/v1/messages/count_tokens", {"model": "tiny-chat"}, 4, 4
+    ),
     Case("tokenize prompt", "/tokenize", {"model": "tiny-chat", "prompt": "Hello world"}),
     Case(
         "tokenize messages",
@@ -283,7 +287,7 @@ def test_the_gateway_answers_as_bare_vllm_does(stack, case):
 
 
 def error_shape(path: str) -> Any:
-    if path == "/v1/messages":
+    if path.startswith("/v1/messages"):
         return ["error", "type"], ["message", "type"]
     return ["error"], ["code", "message", "param", "type"]
 
@@ -327,6 +331,8 @@ def test_anthropic_client_messages_whole_and_streamed(stack):
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text == final.content[0].text and final.usage.output_tokens == 8
+    counted = client.messages.count_tokens(model="tiny-chat", messages=MESSAGES, system="Be brief.")
+    assert counted.input_tokens == final.usage.input_tokens
     with pytest.raises(anthropic.BadRequestError) as refused:
         client.messages.create(model="tiny-chat", max_tokens=MAX_TOKENS_CAP + 1, messages=MESSAGES)
     assert refused.value.body["type"] == "error"
@@ -491,6 +497,7 @@ def test_each_endpoint_is_counted_in_metrics_and_the_access_log(stack):
     sent = {
         "responses": ("/v1/responses", responses()),
         "messages": ("/v1/messages", messages()),
+        "count_tokens": ("/v1/messages/count_tokens", {"model": "tiny-chat", "messages": MESSAGES}),
         "embeddings": ("/v1/embeddings", embed(input="Count me.")),
         "score": ("/v1/score", embed(text_1="a", text_2="b")),
         "rerank": ("/v1/rerank", embed(query="a", documents=["b"])),
@@ -605,3 +612,48 @@ def test_base64_embedding_is_little_endian_float32(stack):
     raw = base64.b64decode(response.json()["data"][0]["embedding"])
     floats = post(stack.gateway, "/v1/embeddings", embed(input="Hello"), bearer()).json()["data"][0]["embedding"]
     np.testing.assert_allclose(np.frombuffer(raw, dtype="<f4"), floats, rtol=1e-6)
+
+
+# --- pure logic of the table and the error styles ---------------------------------------------
+
+
+def test_an_endpoint_is_found_by_its_path_within_the_app():
+    from apps.endpoints import endpoint_of, error_style
+
+    assert endpoint_of({"path": "/v1/messages", "root_path": ""}) is ENDPOINTS["messages"]
+    # Mounted under a route prefix, the scope's path holds the prefix too.
+    assert endpoint_of({"path": "/llm/v1/embeddings", "root_path": "/llm"}) is ENDPOINTS["embeddings"]
+    assert endpoint_of({"path": "/health"}) is None
+    assert error_style({"path": "/llm/v1/messages", "root_path": "/llm"}) == "anthropic"
+    assert error_style({"path": "/nowhere"}) == "openai"
+
+
+def test_each_style_writes_its_apis_error_body_and_stream_event():
+    import json
+
+    from apps.errors import Overloaded, error_body, error_event
+
+    error = Overloaded("Busy.", reason="queue_full", retry_after_s=1)
+    assert error_body(error)["error"]["code"] == "queue_full"
+    assert error_body(error, "responses") == error_body(error), "Responses bodies are OpenAI's"
+    assert error_body(error, "anthropic") == {"type": "error", "error": {"type": "overloaded_error", "message": "Busy."}}
+    chat_event = error_event(error).decode()
+    assert chat_event.startswith("data: {") and chat_event.endswith("data: [DONE]\n\n")
+    for style, expected in (
+        ("anthropic", {"type": "error", "error": {"type": "overloaded_error", "message": "Busy."}}),
+        ("responses", {"type": "error", "code": "queue_full", "message": "Busy.", "param": None}),
+    ):
+        name, data = error_event(error, style).decode().split("\n", 1)
+        assert name == "event: error" and json.loads(data.removeprefix("data: ")) == expected
+
+
+def test_an_adapter_above_the_engines_rank_is_refused_where_files_are_checked(tmp_path):
+    from apps.config import ConfigError, load_config
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 16}')
+    model = {"id": "m", "path": str(ROOT / "models/tiny-chat"), "lora": {"adapters": [{"name": "a", "path": str(adapter)}]}}
+    with pytest.raises(ConfigError, match="rank 16, above max_lora_rank"):
+        load_config({"models": [model | {"lora": model["lora"] | {"max_lora_rank": 8}}]})
+    assert load_config({"models": [model]}).models[0].lora.max_lora_rank == 16
