@@ -52,6 +52,7 @@ KEYS = {
 MESSAGES = [{"role": "user", "content": "Hello there."}]
 DEFAULT_MAX_TOKENS = 256  # configs/app.yaml's tiny-chat limits
 MAX_TOKENS_CAP = 512
+CHAT_PROMPT_CAP = 1024  # set here; the gateway checks it on the real token count
 MAX_INPUTS = 64  # configs/app.yaml's tiny-embed limits
 MAX_PROMPT_TOKENS = 512
 
@@ -109,6 +110,7 @@ class Stack:
 def stack() -> Iterator[Stack]:
     args = app_args("app.yaml", local_paths=True)
     models = {m["id"]: m for m in args["models"] if m["id"] in BARE_PORTS}
+    models["tiny-chat"]["limits"]["max_prompt_tokens"] = CHAT_PROMPT_CAP
     args["models"] = list(models.values())
     args["auth"] = {
         "enabled": True,
@@ -449,6 +451,23 @@ def test_output_caps_apply_to_responses_and_messages(stack):
     assert over.json()["error"]["param"] == "max_output_tokens"
     over = post(stack.gateway, "/v1/messages", messages(max_tokens=MAX_TOKENS_CAP + 1), bearer())
     assert over.status_code == 400 and over.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_prompt_cap_holds_on_every_generating_endpoint_streamed_or_not(stack):
+    long = [5] * (CHAT_PROMPT_CAP + 1)  # token ids: exactly this many prompt tokens
+    whole = post(stack.gateway, "/v1/completions", completion(prompt=long), bearer())
+    assert whole.status_code == 400 and "accepts at most 1024" in whole.json()["error"]["message"]
+    text = "word " * CHAT_PROMPT_CAP  # more tokens than the cap once templated
+    for path, body in (("/v1/responses", responses(input=text)), ("/v1/messages", messages(messages=[{"role": "user", "content": text}]))):
+        refused = post(stack.gateway, path, body, bearer())
+        assert refused.status_code == 400, refused.text[:300]
+        streamed = post(stack.gateway, path, body | {"stream": True}, bearer())
+        # The Responses API submits inside its stream, after its first event: the refusal is then
+        # the stream's error event, in the API's format; never an internal error.
+        assert streamed.status_code in (200, 400), streamed.text[:300]
+        if streamed.status_code == 200:
+            assert "event: error" in streamed.text and "accepts at most 1024" in streamed.text
+            assert "internal" not in streamed.text
 
 
 def test_embedding_inputs_are_capped_in_number_and_tokens(stack):

@@ -57,6 +57,16 @@ def test_built_in_then_hot_and_named_prompts_repeat_times_each(make_checkpoint):
     assert all(r.max_tokens == 1 for r in seen[1:]), "hot prompts only need their prefill"
 
 
+def test_each_loaded_adapter_gets_the_built_in_request(make_checkpoint):
+    from apps.config import LoraAdapter
+
+    seen: list = []
+    adapter = LoraAdapter.model_validate({"name": "m-sql", "path": "/a"}, context={"check_model_files": False})
+    asyncio.run(warm_up(model(make_checkpoint), FakeServing(seen), [adapter]))
+    assert [request.model for request in seen] == ["m", "m-sql"]
+    assert seen[1].logprobs, "the same built-in request, through the adapter"
+
+
 def test_disabled_warm_up_sends_nothing(make_checkpoint):
     assert run(model(make_checkpoint, warmup={"enabled": False})) == []
 
