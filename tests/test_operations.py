@@ -315,8 +315,9 @@ def test_live_settings_apply_within_seconds_and_restart_nothing(gateway):
 
 
 def served_models() -> list[str]:
+    """The models `/v1/models` lists (not their LoRA adapters, which have a `parent`)."""
     response = httpx.get(f"{URL}/v1/models", headers={"Authorization": f"Bearer {DRILL_KEY}"}, timeout=10)
-    return [model["id"] for model in response.json()["data"]]
+    return [model["id"] for model in response.json()["data"] if "parent" not in model]
 
 
 def test_a_new_model_whose_build_fails_is_taken_back_and_the_rest_keeps_serving(gateway):

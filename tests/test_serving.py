@@ -24,6 +24,7 @@ from tests.conftest import app_args, driver_handle, serve_app
 
 PORT = 18000
 MODELS = ["tiny-chat", "tiny-chat-tp2"]
+ADAPTER = "tiny-chat-lora"
 MESSAGES = [
     {"role": "system", "content": "You are a terse assistant."},
     {"role": "user", "content": "Say something."},
@@ -118,7 +119,10 @@ def test_a_bad_system_prompt_reference_is_a_400(gateway, path, body, code):
 
 
 def test_models_lists_the_served_ids(client):
-    assert [model.id for model in client.models.list().data] == MODELS
+    listed = client.models.list().data
+    # The models, then their LoRA adapters (the embedded default's tiny-chat has one).
+    assert [model.id for model in listed] == [*MODELS, ADAPTER]
+    assert listed[-1].model_extra["parent"] == "tiny-chat"
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -215,7 +219,7 @@ def test_unknown_model_is_404_listing_served_ids(client):
         client.chat.completions.create(model="gpt-unknown", messages=MESSAGES)
     assert raised.value.status_code == 404
     assert raised.value.body["code"] == "model_not_found"
-    assert str(MODELS) in raised.value.body["message"]
+    assert str(sorted([*MODELS, ADAPTER])) in raised.value.body["message"]
 
 
 def test_malformed_json_is_400(gateway):
