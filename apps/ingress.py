@@ -46,7 +46,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.schema import ReplicaState, ServeStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from apps.admission import ModelGate, ModelRoute, until
+from apps.admission import ModelRoute, until
 from apps.applications import deployment_name
 from apps.auth import Caller
 from apps.config import AppConfig, LoraAdapter, ModelConfig
@@ -303,9 +303,8 @@ class Ingress:
         head_due, total_due = route.deadlines(record.arrived, record.stream)
         loop = asyncio.get_running_loop()
         queued = loop.time()
-        gate = route.gate
         try:
-            await gate.acquire(call.caller.priority, head_due)
+            await route.gate.acquire(call.caller.priority, head_due)
         except BaseException:
             record.queue_wait_s = loop.time() - queued
             self._settle(call.reservation, used_tokens=0)  # never reached an engine
@@ -314,11 +313,11 @@ class Ingress:
         try:
             stream, head, replica = await self._call_model(call)
         except BaseException:
-            gate.release()
+            route.gate.release()
             raise
         record.usage, record.reason = head.usage, head.code
         if head.media_type != SSE_MEDIA_TYPE:
-            gate.release()
+            route.gate.release()
             return Response(
                 head.body, status_code=head.status, media_type=head.media_type, headers=headers
             )
@@ -331,7 +330,7 @@ class Ingress:
             call.shaped.model_id,
             headers=headers,
             deadline=total_due,
-            on_close=lambda end: self._stream_closed(gate, call.reservation, record, end),
+            on_close=lambda end: self._stream_closed(route, call.reservation, record, end),
             token_ids=head.token_ids,
             resume=resume,
             errors=call.endpoint.errors,
@@ -490,9 +489,9 @@ class Ingress:
         )
 
     def _stream_closed(
-        self, gate: ModelGate, reservation: str | None, record: RequestRecord, end: StreamEnd
+        self, route: ModelRoute, reservation: str | None, record: RequestRecord, end: StreamEnd
     ) -> None:
-        gate.release()
+        route.gate.release()
         record.usage = end.usage or record.usage
         if not end.completed:
             record.end_status, record.reason = end.status, end.code
