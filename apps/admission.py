@@ -286,4 +286,3 @@ async def until(awaitable: Awaitable[T], deadline: float | None) -> T:
 def _earliest(*deadlines: float | None) -> float | None:
     given = [d for d in deadlines if d is not None]
     return min(given) if given else None
-
