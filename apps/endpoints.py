@@ -1,25 +1,26 @@
 """The endpoints the gateway serves, in one table: each endpoint's path, how its request is shaped
 and accounted, and which of vLLM's serving objects answers it.
 
-    endpoint     path                    model task      output cap field(s)          vLLM serving object
-    chat         /v1/chat/completions    generate        max_completion_tokens,       openai_serving_chat
-                                                         max_tokens
-    completion   /v1/completions         generate        max_tokens                   openai_serving_completion
-    responses    /v1/responses           generate        max_output_tokens            openai_serving_responses
-    messages     /v1/messages            generate        max_tokens                   anthropic_serving_messages
-    count_tokens /v1/messages/count_tokens  generate     (the tokenizer only)         anthropic_serving_messages
-    embeddings   /v1/embeddings          embed           (pooling: none)              serving_embedding
-    score        /v1/score               embed           (pooling: none)              serving_scores
-    rerank       /v1/rerank              embed           (pooling: none)              serving_scores
-    tokenize     /tokenize               any             (the tokenizer only)         serving_tokenization
-    detokenize   /detokenize             any             (the tokenizer only)         serving_tokenization
+    endpoint      path                        task      output cap field(s)      vLLM serving object
+    chat          /v1/chat/completions        generate  max_completion_tokens,   openai_serving_chat
+                                                        max_tokens
+    completion    /v1/completions             generate  max_tokens               openai_serving_completion
+    responses     /v1/responses               generate  max_output_tokens        openai_serving_responses
+    messages      /v1/messages                generate  max_tokens               anthropic_serving_messages
+    count_tokens  /v1/messages/count_tokens   generate  (the tokenizer only)     anthropic_serving_messages
+    embeddings    /v1/embeddings              embed     (pooling: none)          serving_embedding
+    score         /v1/score                   embed     (pooling: none)          serving_scores
+    rerank        /v1/rerank                  embed     (pooling: none)          serving_scores
+    tokenize      /tokenize                   any       (the tokenizer only)     serving_tokenization
+    detokenize    /detokenize                 any       (the tokenizer only)     serving_tokenization
 
 Every endpoint takes the same corridor through the ingress (`apps.ingress`): authenticate, read,
 authorize, shape (`apps.validation`, with the table's rules), reserve, admit, route, engine,
 relay, account. A pooling request reserves its inputs' tokens; tokenize reserves none (a
 rate-limited key pays one request for it) and holds its admission slot for the milliseconds it
 runs (a slot of the model's replicas too: left out of the gate, a flood of them would fill the
-replicas under the gate's count). Errors are OpenAI's, except on /v1/messages (Anthropic's).
+replicas under the gate's count). Errors are OpenAI's, except on /v1/messages and its
+count_tokens (Anthropic's).
 
 A body's prompt reads one of two ways: a conversation (chat, Responses, Messages, a chat
 tokenize), given as chat messages (`conversation`), or a list of prompts (`prompts`: a
