@@ -108,11 +108,19 @@ PARTIAL_REQUEST = (
 )
 
 
+# Choices of the stalled reader's answer: its engine work must outlast HAProxy's client timeout
+# with a margin (with 4, a CI run once saw the engine finish 2.3 s before the cut).
+STALLED_READER_CHOICES = 8
+
+
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[str]:
     args = app_args("app.yaml", local_paths=True)
     args["models"] = [model for model in args["models"] if model["id"] == "tiny-chat"]
-    args["models"][0]["limits"]["max_tokens_cap"] = 2000  # the stalled reader's long answer
+    # The stalled reader's long answer: it must keep the engine busy past HAProxy's client
+    # timeout, so that the cut is seen to abort it.
+    args["models"][0]["limits"] |= {"max_tokens_cap": 2000, "max_n": STALLED_READER_CHOICES}
+    del args["models"][0]["lora"]  # connections are this module's concern, not adapters
     with serve_app(args, PORT) as url:
         yield url
 
@@ -281,7 +289,7 @@ def access_lines(model: str) -> list[dict[str, str]]:
 
 
 def test_a_reader_that_stops_reading_is_cut_and_its_engine_request_aborted(gateway):
-    """A long answer (4 choices, 20 log-probabilities a token: about 10 MB) to a client that reads
+    """A long answer (8 choices, 20 log-probabilities a token: about 20 MB) to a client that reads
     its first bytes and then nothing, through a 4 kB receive buffer. With HAProxy's buffers bounded
     (LLM_GATEWAY_CONNECTION_BUFFER_BYTES), what lies between the engine and the reader fills
     within about a megabyte; HAProxy closes the connection after its client timeout, and the
@@ -296,7 +304,7 @@ def test_a_reader_that_stops_reading_is_cut_and_its_engine_request_aborted(gatew
             "stream": True,
             "logprobs": True,
             "top_logprobs": 20,
-            "n": 4,
+            "n": STALLED_READER_CHOICES,
         }
     ).encode()
     request = (
