@@ -44,7 +44,7 @@ DEFAULT_MAX_TOKENS_CAP = 512
 # embeds them in one engine batch, so a smaller bound keeps one request from filling it).
 DEFAULT_MAX_INPUTS = 256
 # What a model's engine does (`ModelConfig.task`), and the endpoints it serves (`apps.endpoints`).
-ModelTask = Literal["generate", "embed"]
+ModelTask = Literal["generate", "embed", "score"]
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.92
 DEFAULT_MAX_NUM_SEQS = 64
 # Stream messages a model replica sends per engine step before tokens start to travel in groups.
@@ -528,7 +528,8 @@ class ModelConfig(StrictModel):
         description=(
             "What the engine does. `generate`: chat, completions, Responses, Messages. `embed`: "
             "embeddings, and score/rerank by their cosine similarity (a causal checkpoint is "
-            "converted: vLLM's pooling runner). Both serve tokenize/detokenize. Shapes the "
+            "converted: vLLM's pooling runner). `score`: a cross-encoder (a sequence classifier "
+            "with one label) serving score/rerank. All serve tokenize/detokenize. Shapes the "
             "engine: a change restarts the model's replicas."
         ),
     )

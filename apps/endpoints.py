@@ -9,8 +9,10 @@ and accounted, and which of vLLM's serving objects answers it.
     messages      /v1/messages                generate  max_tokens               anthropic_serving_messages
     count_tokens  /v1/messages/count_tokens   generate  (the tokenizer only)     anthropic_serving_messages
     embeddings    /v1/embeddings              embed     (pooling: none)          serving_embedding
-    score         /v1/score                   embed     (pooling: none)          serving_scores
-    rerank        /v1/rerank                  embed     (pooling: none)          serving_scores
+    score         /v1/score                   embed,    (pooling: none)          serving_scores
+                                              score
+    rerank        /v1/rerank                  embed,    (pooling: none)          serving_scores
+                                              score
     tokenize      /tokenize                   any       (the tokenizer only)     serving_tokenization
     detokenize    /detokenize                 any       (the tokenizer only)     serving_tokenization
 
@@ -51,7 +53,8 @@ Endpoint = Literal[
 ]
 GENERATE: frozenset[ModelTask] = frozenset({"generate"})
 EMBED: frozenset[ModelTask] = frozenset({"embed"})
-ANY_TASK: frozenset[ModelTask] = frozenset({"generate", "embed"})
+SCORE: frozenset[ModelTask] = frozenset({"embed", "score"})  # by cosine similarity, or a cross-encoder
+ANY_TASK: frozenset[ModelTask] = frozenset({"generate", "embed", "score"})
 # A conversation as chat messages ({"role", "content"}), or None: the body's prompt is `prompt`.
 Conversation = Callable[[Mapping[str, Any]], list[Any] | None]
 
@@ -339,7 +342,7 @@ ENDPOINTS: dict[Endpoint, EndpointSpec] = {
         EndpointSpec(
             "score",
             "/v1/score",
-            EMBED,
+            SCORE,
             (),
             None,
             no_conversation,
@@ -360,7 +363,7 @@ ENDPOINTS: dict[Endpoint, EndpointSpec] = {
         EndpointSpec(
             "rerank",
             "/v1/rerank",
-            EMBED,
+            SCORE,
             (),
             None,
             no_conversation,

@@ -19,9 +19,10 @@ def engine_args(model: ModelConfig, placement: Placement) -> AsyncEngineArgs:
     speculative = None
     if engine.speculative is not None:
         speculative = engine.speculative.model_dump(exclude_none=True)
-    # An embedding model: vLLM's pooling runner. Its `convert: auto` keeps a native embedding
-    # architecture as it is and turns a causal checkpoint into an embedding model.
-    pooling = {"runner": "pooling", "convert": "auto"} if model.task == "embed" else {}
+    # An embedding model or a cross-encoder: vLLM's pooling runner. Its `convert: auto` keeps a
+    # native architecture as it is (a sequence classifier scores) and turns a causal checkpoint
+    # into an embedding model.
+    pooling = {"runner": "pooling", "convert": "auto"} if model.task != "generate" else {}
     lora = {}
     if model.lora is not None:  # its adapters are loaded at runtime (`apps.model_server`)
         lora = {

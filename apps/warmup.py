@@ -79,17 +79,8 @@ async def _run(
     """One warm-up request (to `served_name`, an adapter, or the model); its duration in seconds."""
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-    body: dict[str, Any] = {"model": served_name or model.id}
-    if model.task == "embed":  # an embedding model embeds the prompt: nothing is generated
-        endpoint, prompt_field = "embeddings", "input"
-    else:
-        endpoint = "chat" if prompt.messages is not None else "completion"
-        body |= {"max_tokens": max_tokens, **(extra or {})}
-        prompt_field = "prompt"
-    if prompt.messages is not None:
-        body["messages"] = [message.model_dump() for message in prompt.messages]
-    else:
-        body[prompt_field] = prompt.prompt
+    endpoint, body = _request(model, prompt, max_tokens, extra)
+    body["model"] = served_name or model.id
     started = time.monotonic()
     try:
         result = await call(endpoint, body)
@@ -103,3 +94,18 @@ async def _run(
     if getattr(result, "status_code", 200) != 200:  # a pooling answer (a response)
         raise WarmupFailed(f"Warm-up prompt {label} of model {model.id} was answered {result.status_code}.")
     return time.monotonic() - started
+
+
+def _request(
+    model: ModelConfig, prompt: WarmupPrompt, max_tokens: int, extra: Mapping[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    """The endpoint and body that run `prompt` through the model's kind of engine."""
+    messages = [m.model_dump() for m in prompt.messages] if prompt.messages is not None else None
+    if model.task == "score":  # a cross-encoder scores the prompt against itself
+        text = prompt.prompt or "\n".join(str(m["content"]) for m in messages or [])
+        return "score", {"text_1": text, "text_2": text}
+    if model.task == "embed":  # an embedding model embeds the prompt: nothing is generated
+        return "embeddings", {"messages": messages} if messages is not None else {"input": prompt.prompt}
+    if messages is not None:
+        return "chat", {"messages": messages, "max_tokens": max_tokens, **(extra or {})}
+    return "completion", {"prompt": prompt.prompt, "max_tokens": max_tokens, **(extra or {})}

@@ -37,6 +37,8 @@ CHAT_TEMPLATE = (
 )
 # One entry per model of configs/app.yaml: directory name -> seed.
 TINY_MODELS = {"tiny-chat": 0, "tiny-chat-tp2": 1}
+# Cross-encoders (`task: score` models, for the tests): directory name -> seed.
+TINY_RERANKERS = {"tiny-rerank": 3}
 # LoRA adapters of those models: directory name -> (base model's directory name, seed). Made
 # after the models, since an adapter's shapes come from its base's config.json.
 TINY_LORAS = {"tiny-chat-lora": ("tiny-chat", 2)}
@@ -59,11 +61,18 @@ def synthetic_corpus(seed: int, lines: int = 4000) -> list[str]:
     return corpus
 
 
-def make_model(target: Path, seed: int) -> None:
+def make_model(target: Path, seed: int, reranker: bool = False) -> None:
+    """A tiny causal LM, or with `reranker` a cross-encoder (a sequence classifier with one
+    label: the relevance score of a query and document pair)."""
     # Imported here: the heavy libraries are only needed when a model is actually made.
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        PreTrainedTokenizerFast,
+    )
 
     special_tokens = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -98,9 +107,11 @@ def make_model(target: Path, seed: int) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **({"num_labels": 1} if reranker else {}),
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    architecture = LlamaForSequenceClassification if reranker else LlamaForCausalLM
+    model = architecture(config).to(torch.bfloat16)
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
@@ -177,6 +188,12 @@ def ensure_tiny_models(force: bool = False) -> list[Path]:
         target = MODELS_DIR / name
         if force or not (target / "config.json").exists():
             make_model(target, seed)
+            print(f"made {target}")
+        made.append(target)
+    for name, seed in TINY_RERANKERS.items():
+        target = MODELS_DIR / name
+        if force or not (target / "config.json").exists():
+            make_model(target, seed, reranker=True)
             print(f"made {target}")
         made.append(target)
     for name, (base_name, seed) in TINY_LORAS.items():

@@ -36,7 +36,7 @@ from tests.conftest import ROOT, app_args, deploy, replica_log_lines, serve_app
 
 PORT = 18830
 METRICS_PORT = 18831
-BARE_PORTS = {"tiny-chat": 18832, "tiny-embed": 18833}
+BARE_PORTS = {"tiny-chat": 18832, "tiny-embed": 18833, "tiny-rerank": 18834}
 GATEWAY = f"http://127.0.0.1:{PORT}"
 BARE_START_TIMEOUT_S = 600
 ADAPTER = "tiny-chat-lora"  # configs/app.yaml's LoRA adapter of tiny-chat
@@ -75,7 +75,7 @@ def bare_server(model: dict[str, Any], port: int) -> subprocess.Popen:
         "--max-num-seqs", str(engine["max_num_seqs"]), "--enforce-eager",
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    if model.get("task") == "embed":
+    if model.get("task") in ("embed", "score"):
         command += ["--runner", "pooling"]
     lora = model.get("lora")
     if lora is not None:
@@ -111,6 +111,15 @@ def stack() -> Iterator[Stack]:
     args = app_args("app.yaml", local_paths=True)
     models = {m["id"]: m for m in args["models"] if m["id"] in BARE_PORTS}
     models["tiny-chat"]["limits"]["max_prompt_tokens"] = CHAT_PROMPT_CAP
+    # A cross-encoder (made by scripts/make_tiny_models.py, not in the embedded default).
+    embed = models["tiny-embed"]
+    models["tiny-rerank"] = {
+        "id": "tiny-rerank",
+        "path": str(ROOT / "models/tiny-rerank"),
+        "task": "score",
+        "engine": embed["engine"],
+        "parallelism": embed["parallelism"],
+    }
     args["models"] = list(models.values())
     args["auth"] = {
         "enabled": True,
@@ -248,6 +257,9 @@ CASES = [
     Case("rerank", "/v1/rerank", embed(query="cats", documents=DOCUMENTS)),
     Case("rerank top_n", "/v1/rerank", embed(query="cats", documents=DOCUMENTS, top_n=1)),
     Case("rerank bad top_n", "/v1/rerank", embed(query="cats", documents=DOCUMENTS, top_n=-1), 4, 4),
+    Case("cross-encoder score", "/v1/score", embed(model="tiny-rerank", queries="cats", documents=DOCUMENTS)),
+    Case("cross-encoder rerank", "/v1/rerank", embed(model="tiny-rerank", query="cats", documents=DOCUMENTS)),
+    Case("embeddings from the cross-encoder", "/v1/embeddings", embed(model="tiny-rerank", input="Hi"), 4, 4),
     # A model asked for an endpoint its task does not serve (bare vLLM: the route is missing).
     Case("chat from the embedding model", "/v1/chat/completions", chat(model="tiny-embed"), 4, 4),
     Case("embeddings from the chat model", "/v1/embeddings", {"model": "tiny-chat", "input": "Hi"}, 4, 4),
@@ -364,16 +376,18 @@ def test_embeddings_are_stable_and_equal_vllms_own(stack):
     assert not np.allclose(first[0], first[1]), "different texts, different embeddings"
 
 
-def test_score_and_rerank_order_is_the_models(stack):
-    query = {"model": "tiny-embed", "query": "a cat", "documents": DOCUMENTS}
+@pytest.mark.parametrize("model", ["tiny-embed", "tiny-rerank"])
+def test_score_and_rerank_order_is_the_models(stack, model):
+    """By the embeddings' cosine similarity, or by a cross-encoder (`task: score`)."""
+    query = {"model": model, "query": "a cat", "documents": DOCUMENTS}
     ours = post(stack.gateway, "/v1/rerank", query, bearer()).json()
-    bare = post(stack.bare["tiny-embed"], "/v1/rerank", query).json()
+    bare = post(stack.bare[model], "/v1/rerank", query).json()
     assert [r["index"] for r in ours["results"]] == [r["index"] for r in bare["results"]]
     scores = [r["relevance_score"] for r in ours["results"]]
     assert scores == sorted(scores, reverse=True)
-    pairs = {"model": "tiny-embed", "queries": "a cat", "documents": DOCUMENTS}
+    pairs = {"model": model, "queries": "a cat", "documents": DOCUMENTS}
     ours = post(stack.gateway, "/v1/score", pairs, bearer()).json()["data"]
-    bare = post(stack.bare["tiny-embed"], "/v1/score", pairs).json()["data"]
+    bare = post(stack.bare[model], "/v1/score", pairs).json()["data"]
     np.testing.assert_allclose([d["score"] for d in ours], [d["score"] for d in bare], atol=1e-3)
 
 
