@@ -55,7 +55,7 @@ GENERATE: frozenset[ModelTask] = frozenset({"generate"})
 EMBED: frozenset[ModelTask] = frozenset({"embed"})
 SCORE: frozenset[ModelTask] = frozenset({"embed", "score"})  # by cosine similarity, or a cross-encoder
 ANY_TASK: frozenset[ModelTask] = frozenset({"generate", "embed", "score"})
-# A conversation as chat messages ({"role", "content"}), or None: the body's prompt is `prompt`.
+# A conversation as chat messages ({"role", "content"}), or None: the body holds prompts instead.
 Conversation = Callable[[Mapping[str, Any]], list[Any] | None]
 
 
