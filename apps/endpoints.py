@@ -242,6 +242,13 @@ class EndpointSpec:
     errors: ErrorStyle = "openai"  # its error bodies and stream error events (`apps.errors`)
 
 
+def first_prompt(spec: EndpointSpec, body: Mapping[str, Any]) -> str:
+    """The body's first prompt when it is text ("" for token ids or none), for a body that is
+    no conversation."""
+    prompts = spec.prompts(body)
+    return prompts[0] if prompts and isinstance(prompts[0], str) else ""
+
+
 _PROTOCOL = "vllm.entrypoints"
 ENDPOINTS: dict[Endpoint, EndpointSpec] = {
     spec.name: spec

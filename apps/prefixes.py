@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from apps.endpoints import ENDPOINTS, Endpoint, message_text
+from apps.endpoints import ENDPOINTS, Endpoint, first_prompt, message_text
 from apps.errors import InvalidRequest
 
 logger = logging.getLogger("ray.serve")
@@ -87,8 +87,7 @@ def prompt_start(body: Mapping[str, Any], endpoint: Endpoint) -> str:
     spec = ENDPOINTS[endpoint]
     messages = spec.conversation(body)
     if messages is None:
-        prompts = spec.prompts(body)
-        return prompts[0][:COMPLETION_SCAN_CHARS] if prompts and isinstance(prompts[0], str) else ""
+        return first_prompt(spec, body)[:COMPLETION_SCAN_CHARS]
     parts: list[str] = []
     for message in messages:
         if _role(message) not in SYSTEM_ROLES:

@@ -31,7 +31,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from apps.endpoints import ENDPOINTS, EndpointSpec, message_text
+from apps.endpoints import ENDPOINTS, EndpointSpec, first_prompt, message_text
 
 # The prompt's start that must be identical for two requests to share a replica: about 128
 # tokens, 8 KV blocks of 16. Shorter shared starts save little prefill.
@@ -141,8 +141,7 @@ def prompt_text(spec: EndpointSpec, body: dict[str, Any], chars: int) -> str:
     message), or of its first prompt (`apps.endpoints`)."""
     messages = spec.conversation(body)
     if messages is None:
-        prompts = spec.prompts(body)
-        return prompts[0][:chars] if prompts and isinstance(prompts[0], str) else ""
+        return first_prompt(spec, body)[:chars]
     parts: list[str] = []
     size = 0
     for message in messages:
