@@ -1,5 +1,6 @@
 """Connection-level guards, enforced by HAProxy before anything else runs: a per-client-address
-cap on open connections, and bounded kernel buffers per connection.
+cap on open connections, bounded kernel buffers per connection, and a bound on the time a
+request's headers take to arrive.
 
 Ray Serve 2.60 writes HAProxy's configuration itself and has no setting for either, but it lets
 an operator choose the HAProxy binary (`RAY_SERVE_HAPROXY_BINARY_PATH`). This program is that
@@ -16,6 +17,12 @@ client that stopped reading a stream would hold megabytes of answer before HAPro
 could not send (its client timeout), while the engine kept generating for it. Bounded, about a
 megabyte lies between the engine and the reader, and HAProxy closes the connection; the ingress
 then aborts the engine request.
+
+The header bound (`timeout http-request`): HAProxy's client timeout (15 s) cuts a connection only
+after that long with no byte at all, so a client dripping one header byte every few seconds would
+hold its connection for ever; with the bound, its headers must be complete within it (HAProxy
+answers 408). Ray's generated configuration has no such setting. The body's own bound is the
+ingress's (`ingress.body_timeout_s`).
 
 The frontend is made HTTP/1 only (`proto h1`: HAProxy would otherwise take HTTP/2 with prior
 knowledge, up to 100 concurrent requests a connection), and HTTP/1.1 carries one request at a
@@ -41,6 +48,9 @@ DEFAULT_CAP = 256
 # answer from; 0 leaves them to the kernel's autotuning, which grows them to megabytes.
 BUFFER_ENV = "LLM_GATEWAY_CONNECTION_BUFFER_BYTES"
 DEFAULT_BUFFER_BYTES = 262144
+# Seconds a request's headers may take to arrive in full; 0 leaves only HAProxy's client timeout.
+HEADER_TIMEOUT_ENV = "LLM_GATEWAY_HEADER_TIMEOUT_S"
+DEFAULT_HEADER_TIMEOUT_S = 10
 # The HAProxy to run; Ray's bundled one when unset.
 HAPROXY_ENV = "LLM_GATEWAY_HAPROXY_BINARY"
 FRONTEND = "frontend http_frontend"
@@ -54,11 +64,14 @@ class Guards:
 
     max_connections_per_client: int = DEFAULT_CAP
     connection_buffer_bytes: int = DEFAULT_BUFFER_BYTES
+    header_timeout_s: int = DEFAULT_HEADER_TIMEOUT_S
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Guards:
         return cls(
-            _whole_number(environ, CAP_ENV, DEFAULT_CAP), _whole_number(environ, BUFFER_ENV, DEFAULT_BUFFER_BYTES)
+            _whole_number(environ, CAP_ENV, DEFAULT_CAP),
+            _whole_number(environ, BUFFER_ENV, DEFAULT_BUFFER_BYTES),
+            _whole_number(environ, HEADER_TIMEOUT_ENV, DEFAULT_HEADER_TIMEOUT_S),
         )
 
 
@@ -67,8 +80,8 @@ class FrontendNotFound(ValueError):
 
 
 def guarded_config(text: str, guards: Guards) -> str:
-    """`text` (Ray's HAProxy configuration) with `guards`: the per-address cap in its HTTP
-    frontend, the buffer bound in its `global` section."""
+    """`text` (Ray's HAProxy configuration) with `guards`: the per-address cap and the header
+    bound in its HTTP frontend, the buffer bound in its `global` section."""
     lines = text.splitlines(keepends=True)
     try:
         top = next(i for i, line in enumerate(lines) if line.strip() == "global")
@@ -103,6 +116,11 @@ def guarded_config(text: str, guards: Guards) -> str:
             "    tcp-request connection track-sc0 src\n",
             f"    tcp-request connection reject if {{ sc0_conn_cur gt {cap} }}\n",
         ]
+    if guards.header_timeout_s:
+        rules += [
+            f"    {MARKER}: a request's headers complete within {guards.header_timeout_s} s (else 408)\n",
+            f"    timeout http-request {guards.header_timeout_s}s\n",
+        ]
     return "".join(lines[: top + 1] + tuning + lines[top + 1 : bind + 1] + rules + lines[bind + 1 :])
 
 
@@ -120,7 +138,7 @@ def _whole_number(environ: Mapping[str, str], name: str, default: int) -> int:
 def guard_config_file(args: list[str], guards: Guards) -> None:
     """Guard the configuration HAProxy's arguments name (`-f CONFIG`), in place: Ray finds its
     HAProxy processes by that path in their command line. Under Ray's own lock on the file."""
-    if guards == Guards(0, 0) or "-f" not in args:
+    if guards == Guards(0, 0, 0) or "-f" not in args:
         return
     path = args[args.index("-f") + 1]
     with open(f"{path}.lock", "w") as lock:

@@ -44,6 +44,8 @@ def test_the_cap_goes_right_after_the_http_frontends_bind_line_and_the_buffers_i
         "    tcp-request connection reject if { sc0_conn_cur gt 7 }",
     ]
     assert lines.count("    bind :18998") == 1 and "sc0" not in "\n".join(lines[: bind - 1]), "prometheus untouched"
+    assert lines[bind + 6] == "    timeout http-request 10s", "a header sender that drips is bounded"
+    assert "timeout http-request" not in guarded_config(CONFIG, Guards(7, 4096, 0)), "0: off"
 
 
 def test_rays_bundled_haproxy_accepts_the_guarded_config(tmp_path):
@@ -75,14 +77,18 @@ def test_the_file_haproxy_is_started_on_is_guarded_in_place_once(tmp_path):
     guard_config_file(args, Guards(7, 0))
     assert path.read_text() == guarded, "started again on the same file: guarded once"
     path.write_text(CONFIG)
-    guard_config_file(args, Guards(0, 0))
+    guard_config_file(args, Guards(0, 0, 0))
     assert path.read_text() == CONFIG, "all off: untouched"
 
 
 def test_the_guards_come_from_the_environment():
-    assert Guards.from_env({}) == Guards(256, 262144)
-    environ = {"LLM_GATEWAY_MAX_CONNECTIONS_PER_CLIENT": "0", "LLM_GATEWAY_CONNECTION_BUFFER_BYTES": "65536"}
-    assert Guards.from_env(environ) == Guards(0, 65536)
+    assert Guards.from_env({}) == Guards(256, 262144, 10)
+    environ = {
+        "LLM_GATEWAY_MAX_CONNECTIONS_PER_CLIENT": "0",
+        "LLM_GATEWAY_CONNECTION_BUFFER_BYTES": "65536",
+        "LLM_GATEWAY_HEADER_TIMEOUT_S": "5",
+    }
+    assert Guards.from_env(environ) == Guards(0, 65536, 5)
 
 
 @pytest.mark.parametrize("raw", ["-1", "many", "2.5"])

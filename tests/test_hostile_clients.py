@@ -36,6 +36,7 @@ from ray import serve
 
 from apps.applications import deployment_name
 from apps.config import DEFAULT_BODY_TIMEOUT_S
+from apps.connection_guard import DEFAULT_HEADER_TIMEOUT_S
 from tests.conftest import app_args, driver_handle, ray_serve_env, replica_log_lines, serve_app
 
 PORT = 18810
@@ -218,14 +219,23 @@ def test_http2_is_refused_so_a_connection_carries_one_request_at_a_time(gateway)
     assert chat(gateway)[0] == 200
 
 
-def test_a_stalled_header_sender_is_closed_by_haproxy_with_408(gateway):
+@pytest.mark.parametrize("drip_every_s", [None, 2.0], ids=["stalled", "dripping"])
+def test_a_header_sender_that_stalls_or_drips_gets_408_within_the_header_bound(gateway, drip_every_s):
+    """Headers must be complete within LLM_GATEWAY_HEADER_TIMEOUT_S (10 s), however the bytes
+    trickle in: a byte every 2 s never lets HAProxy's 15 s client timeout run out."""
     with socket.create_connection(("127.0.0.1", PORT)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\n")  # no end of headers
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nX-Drip: ")  # no end
         started = time.monotonic()
-        line = first_line(sock, started + HAPROXY_CLIENT_TIMEOUT_S + SLACK_S)
+        deadline = started + DEFAULT_HEADER_TIMEOUT_S + SLACK_S
+        line = "timeout"
+        while line == "timeout" and time.monotonic() < deadline:
+            step = drip_every_s or deadline - time.monotonic()
+            line = first_line(sock, min(deadline, time.monotonic() + step))
+            if line == "timeout" and drip_every_s:
+                sock.sendall(b"a")
         waited_s = time.monotonic() - started
     assert line.startswith("HTTP/1.1 408"), line
-    assert waited_s > HAPROXY_CLIENT_TIMEOUT_S - 1, f"closed after {waited_s:.1f}s"
+    assert DEFAULT_HEADER_TIMEOUT_S - 1 < waited_s < HAPROXY_CLIENT_TIMEOUT_S, f"answered after {waited_s:.1f}s"
 
 
 def test_a_sender_that_leaves_mid_body_is_logged_as_499(gateway):
