@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from apps import tracing
 from apps.config import ModelConfig
 from apps.placement import Placement
 
@@ -52,6 +53,8 @@ def engine_args(model: ModelConfig, placement: Placement) -> AsyncEngineArgs:
         # Keep the engine's stats on: vLLM's Prometheus metrics (queue length, KV use, prefix
         # hits) are built from them. Exporting them from the replica is the metrics issue's job.
         disable_log_stats=False,
+        # With tracing on (`apps.tracing`), the engine's own request spans join each trace.
+        otlp_traces_endpoint=tracing.traces_endpoint(),
     )
 
 

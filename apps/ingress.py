@@ -46,6 +46,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.schema import ReplicaState, ServeStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from apps import tracing
 from apps.admission import ModelRoute, until
 from apps.applications import deployment_name
 from apps.auth import Caller
@@ -107,6 +108,15 @@ class ModelCall:
     reservation: str | None  # the rate limiter's, if the key is limited
     record: RequestRecord
     adapter: LoraAdapter | None = None  # the LoRA adapter asked for, served by `route`'s model
+
+
+@dataclass(frozen=True)
+class LostCall:
+    """A model call whose replica was lost before its head: why, and the replicas the next call
+    of the request must avoid."""
+
+    failure: Exception
+    avoid: frozenset[str]
 
 
 app = FastAPI(title="LLM gateway", description="OpenAI-compatible API over vLLM engines.")
@@ -171,11 +181,14 @@ class Ingress:
         self._live = live_settings(config, None, self._count_volatile_prefix)
         # Serve runs the constructor on the replica's event loop, which serves the requests too.
         loop = asyncio.get_running_loop()
-        self._gauges = loop.create_task(export_gauges(self._queue_depths))
+        self._gauges = loop.create_task(export_gauges(self._queue_depths, self._replica_bounds))
         self._settings_watch = loop.create_task(SettingsWatch(config, self._swap).run())
 
     def _queue_depths(self) -> dict[str, int]:
         return {model_id: route.gate.depth for model_id, route in self._live.routes.items()}
+
+    def _replica_bounds(self) -> dict[str, int]:
+        return {model_id: route.config.replicas.max_replicas for model_id, route in self._live.routes.items()}
 
     def _swap(self, config: AppConfig) -> None:
         """New live settings (`apps.live`): requests already admitted keep the ones they began with."""
@@ -242,27 +255,36 @@ class Ingress:
     async def _forward(self, request: Request, endpoint: EndpointSpec) -> Response:
         record = request_record(request)
         live = self._live  # one snapshot of the settings for the whole request
-        caller = live.keys.authenticate(
-            request.headers.get("authorization"), request.headers.get("x-api-key")
-        )
+        with tracing.child(record.span, "authenticate") as span:
+            caller = live.keys.authenticate(
+                request.headers.get("authorization"), request.headers.get("x-api-key")
+            )
+            span.set_attribute("gateway.key", caller.name)
         record.key = caller.name
         ingress = live.config.ingress
-        body = parse_body(await read_body(request, ingress.max_body_bytes, ingress.body_timeout_s))
-        model_id = requested_model(body)
-        record.stream = body.get("stream") is True
-        live.keys.authorize(caller, model_id, live.served)
-        record.model = model_id  # a served model or adapter: metric labels stay bounded
-        # An adapter is served by its base model's replicas, with the base's settings.
-        base_id, adapter = live.adapters.get(model_id, (model_id, None))
-        route = live.routes[base_id]
-        _check_task(endpoint, route.config)
-        body = apply_system_prompt(body, endpoint.name, model_id, route.config.system_prompts)
-        live.prefix_watches[base_id].check(body, endpoint.name)
-        shaped = shape_request(body, endpoint.name, model_id, route.config.limits)
+        with tracing.child(record.span, "read"):
+            body = parse_body(await read_body(request, ingress.max_body_bytes, ingress.body_timeout_s))
+        with tracing.child(record.span, "shape") as span:
+            model_id = requested_model(body)
+            record.stream = body.get("stream") is True
+            live.keys.authorize(caller, model_id, live.served)
+            record.model = model_id  # a served model or adapter: metric labels stay bounded
+            # An adapter is served by its base model's replicas, with the base's settings.
+            base_id, adapter = live.adapters.get(model_id, (model_id, None))
+            route = live.routes[base_id]
+            _check_task(endpoint, route.config)
+            body = apply_system_prompt(body, endpoint.name, model_id, route.config.system_prompts)
+            live.prefix_watches[base_id].check(body, endpoint.name)
+            shaped = shape_request(body, endpoint.name, model_id, route.config.limits)
+            span.set_attribute(tracing.MODEL, model_id)
+            span.set_attribute("gen_ai.request.max_tokens", shaped.max_tokens)
+            span.set_attribute("gateway.max_tokens_clamped", shaped.clamped)
         headers = {"x-max-tokens-clamped": str(shaped.max_tokens)} if shaped.clamped else {}
         reservation = None
         if caller.rate_limited:
-            reservation = await self._reserve(caller, route, shaped, headers)
+            attributes = {"gateway.reserved_tokens": shaped.reserved_tokens}
+            with tracing.child(record.span, "rate_limit", attributes):
+                reservation = await self._reserve(caller, route, shaped, headers)
         call = ModelCall(route, endpoint, shaped, caller, reservation, record, adapter)
         try:
             return await self._admit_and_call(call, headers)
@@ -303,8 +325,10 @@ class Ingress:
         head_due, total_due = route.deadlines(record.arrived, record.stream)
         loop = asyncio.get_running_loop()
         queued = loop.time()
+        attributes = {"gateway.priority": call.caller.priority, "gateway.queue_depth": route.gate.depth}
         try:
-            await route.gate.acquire(call.caller.priority, head_due)
+            with tracing.child(record.span, "queue", attributes):
+                await route.gate.acquire(call.caller.priority, head_due)
         except BaseException:
             record.queue_wait_s = loop.time() - queued
             self._settle(call.reservation, used_tokens=0)  # never reached an engine
@@ -316,6 +340,7 @@ class Ingress:
             route.gate.release()
             raise
         record.usage, record.reason = head.usage, head.code
+        record.relay = tracing.child(record.span, "relay", {"gateway.replica": replica})
         if head.media_type != SSE_MEDIA_TYPE:
             route.gate.release()
             return Response(
@@ -393,51 +418,12 @@ class Ingress:
             accept_due = queue_due if attempt == 0 else max(queue_due, loop.time() + RETRY_ACCEPT_GRACE_S)
             if head_due is not None:
                 accept_due = min(accept_due, head_due)
-            stream = route.stream.generate.remote(
-                call.endpoint.name,
-                shaped.body,
-                reservation,
-                call.caller.name,
-                resume,
-                avoid_replicas=avoid,
-                routing=route.routing,
-                max_prompt_tokens=route.config.limits.max_prompt_tokens,
-                adapter=call.adapter,
-            )
-            accepted: Accepted | None = None
-            try:
-                accepted = await until(anext(stream), None if accept_due == math.inf else accept_due)
-                route.replicas.accepted(accepted.startup_s)
-                head: ResponseHead = await until(anext(stream), head_due)
-            except BaseException as exc:
-                stream.cancel()
-                if isinstance(exc, Exception) and is_replica_lost(exc):
-                    failure = exc
-                    avoid = self._lost(call, avoid, accepted, type(exc).__name__)
-                    continue
-                if resume is None:  # a resumed stream is settled when it ends (_stream_closed)
-                    if accepted is None:
-                        self._settle(reservation, used_tokens=0)  # no replica ran it
-                    else:
-                        self._settle_unless_model_did(reservation, exc)
-                if isinstance(exc, TimeoutError):
-                    if accepted is None:
-                        raise await self._no_replica_accepted(route, shaped.model_id) from None
-                    raise DeadlineExceeded(
-                        f"Model {shaped.model_id} did not answer in time; the request was aborted."
-                    ) from None
-                if isinstance(exc, Exception):
-                    raise model_call_error(shaped.model_id, exc) from exc
-                raise
-            if is_lost_replica_code(head.code):  # its engine is dead; it settled nothing
-                stream.cancel()
-                failure = RuntimeError(f"{head.status} {head.code}")
-                avoid = self._lost(call, avoid, accepted, f"{head.status} {head.code}")
-                continue
-            if resume is not None and head.status != 200:
-                stream.cancel()
-                raise model_call_error(shaped.model_id, _head_error(head))
-            return stream, head, accepted.replica_id
+            with tracing.child(record.span, "model_call", {"gateway.attempt": attempt + 1}) as span:
+                span.set_attribute("gateway.resumed_tokens", len(resume.token_ids) if resume else None)
+                outcome = await self._call_once(call, span, resume, accept_due, head_due, avoid)
+            if not isinstance(outcome, LostCall):
+                return outcome
+            failure, avoid = outcome.failure, outcome.avoid
         # Every attempt met a lost replica: the model server settled none of them.
         if resume is None:
             self._settle(reservation, used_tokens=0)
@@ -453,6 +439,68 @@ class Ingress:
         )
         error.headers.update(retry_after_headers(route.replicas.retry_after_s()))
         raise error
+
+    async def _call_once(
+        self,
+        call: ModelCall,
+        span: tracing.Span | tracing.NoSpan,
+        resume: Resume | None,
+        accept_due: float,
+        head_due: float | None,
+        avoid: frozenset[str],
+    ) -> tuple[DeploymentResponseGenerator, ResponseHead, str] | LostCall:
+        """One call of `_call_model`: the call's stream, head and replica, or the `LostCall` when
+        its replica was lost before the head. Raises the answer's error."""
+        route, shaped, reservation = call.route, call.shaped, call.reservation
+        stream = route.stream.generate.remote(
+            call.endpoint.name,
+            shaped.body,
+            reservation,
+            call.caller.name,
+            resume,
+            avoid_replicas=avoid,
+            routing=route.routing,
+            max_prompt_tokens=route.config.limits.max_prompt_tokens,
+            adapter=call.adapter,
+            trace=tracing.carrier(span),
+        )
+        accepted: Accepted | None = None
+        try:
+            accepted = await until(anext(stream), None if accept_due == math.inf else accept_due)
+            route.replicas.accepted(accepted.startup_s)
+            span.set_attribute("gateway.replica", accepted.replica_id)
+            head: ResponseHead = await until(anext(stream), head_due)
+        except BaseException as exc:
+            stream.cancel()
+            if isinstance(exc, Exception) and is_replica_lost(exc):
+                tracing.fail(span, "replica_lost")
+                return LostCall(exc, self._lost(call, avoid, accepted, type(exc).__name__))
+            if resume is None:  # a resumed stream is settled when it ends (_stream_closed)
+                if accepted is None:
+                    self._settle(reservation, used_tokens=0)  # no replica ran it
+                else:
+                    self._settle_unless_model_did(reservation, exc)
+            if isinstance(exc, TimeoutError):
+                if accepted is None:
+                    raise await self._no_replica_accepted(route, shaped.model_id) from None
+                raise DeadlineExceeded(
+                    f"Model {shaped.model_id} did not answer in time; the request was aborted."
+                ) from None
+            if isinstance(exc, Exception):
+                raise model_call_error(shaped.model_id, exc) from exc
+            raise
+        span.set_attribute("http.response.status_code", head.status)
+        if is_lost_replica_code(head.code):  # its engine is dead; it settled nothing
+            stream.cancel()
+            tracing.fail(span, head.code)
+            lost = f"{head.status} {head.code}"
+            return LostCall(RuntimeError(lost), self._lost(call, avoid, accepted, lost))
+        if resume is not None and head.status != 200:
+            stream.cancel()
+            raise model_call_error(shaped.model_id, _head_error(head))
+        if head.status != 200:
+            tracing.fail(span, head.code)
+        return stream, head, accepted.replica_id
 
     def _lost(
         self, call: ModelCall, avoid: frozenset[str], accepted: Accepted | None, failure: str

@@ -31,6 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.responses import Response as StarletteResponse
 from starlette.responses import StreamingResponse
 
+from apps import tracing
 from apps.applications import GATEWAY_APP, LIMITER_DEPLOYMENT
 from apps.config import LoraAdapter, ModelConfig
 from apps.endpoints import ENDPOINTS, Endpoint, EndpointSpec
@@ -107,6 +108,9 @@ class ModelServer:
                 sorted(os.sched_getaffinity(0)),
                 model.parallelism.cpu_threads_bind,
             )
+        if tracing.traces_endpoint() is not None:
+            # vLLM's own span exporter reads only this variable, and defaults to grpc.
+            os.environ.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", tracing.protocol())
         args = engine_args(model, placement)
         vllm_config = args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
         if placement.executor_backend == "ray":
@@ -157,6 +161,7 @@ class ModelServer:
         routing: RoutingKnobs | None = None,
         max_prompt_tokens: int | None = None,
         adapter: LoraAdapter | None = None,
+        trace: Mapping[str, str] | None = None,
     ) -> AsyncIterator[Accepted | ResponseHead | bytes | TokenChunk | LastChunk]:
         """Run one OpenAI request; yields `Accepted`, a `ResponseHead`, then (streams only) SSE
         bytes, the last of them as a `LastChunk`; a resumable stream's messages are `TokenChunk`s
@@ -165,18 +170,24 @@ class ModelServer:
         same reservation). `key`: the caller's key name, for the token metrics. `resume`: continue
         a stream another replica started. `avoid_replicas`, `routing`: read by the request
         router (`apps.routing`), not here. `max_prompt_tokens`: the model's prompt cap (live).
-        `adapter`: the LoRA adapter the body's `model` names (live), loaded here if it is not."""
+        `adapter`: the LoRA adapter the body's `model` names (live), loaded here if it is not.
+        `trace`: the call's trace context (`apps.tracing`), continued here and by the engine."""
         yield self._accepted
+        model_id = adapter.name if adapter else self._model.id
+        span = tracing.child(trace, "model_server", self._span_attributes(endpoint, model_id, resume))
         resumable = resume is not None or resume_refusal(endpoint, body) is None
         usage = start_usage(
             track_ids=resumable,
             resume=resume.token_ids if resume else None,
             max_prompt_tokens=max_prompt_tokens,
+            trace_headers=tracing.carrier(span),
         )
         settle = _Settlement(self._settler, reservation, usage)
         started = time.monotonic()
         try:
             async for item in self._respond(endpoint, body, settle, usage, resume, adapter):
+                if isinstance(item, (ResponseHead, LastChunk)) and item.status != 200:
+                    tracing.fail(span, item.code)
                 if not self._first_request_logged:
                     # With warm-up this shows what a replica's first client really waited.
                     self._first_request_logged = True
@@ -188,7 +199,16 @@ class ModelServer:
                 yield item
         finally:
             settle.now()  # failed or cancelled: no waiting on the limiter
-            self._count_tokens(usage, key, adapter.name if adapter else self._model.id)
+            self._count_tokens(usage, key, model_id)
+            _end_engine_span(span, usage, started)
+
+    def _span_attributes(self, endpoint: Endpoint, model_id: str, resume: Resume | None) -> dict[str, Any]:
+        return {
+            tracing.MODEL: model_id,
+            "gateway.endpoint": endpoint,
+            "gateway.replica": self._accepted.replica_id,
+            "gateway.resumed_tokens": len(resume.token_ids) if resume else 0,
+        }
 
     def _count_tokens(self, usage: Usage, key: str, model_id: str) -> None:
         """The tokens this engine processed: a resumed stream's earlier tokens were prompt here."""
@@ -438,6 +458,20 @@ class ModelServer:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def _end_engine_span(span: tracing.Span | tracing.NoSpan, usage: Usage, started: float) -> None:
+    """End the replica's span of a request with what its engine reported."""
+    if span is tracing.NO_SPAN:
+        return
+    span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
+    span.set_attribute("gen_ai.usage.cached_tokens", usage.cached_tokens)
+    span.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens - usage.resumed_tokens)
+    if usage.first_token_at is not None:
+        span.set_attribute("gen_ai.time_to_first_token_s", usage.first_token_at - started)
+    if usage.finish_reason is not None:
+        span.set_attribute("gen_ai.response.finish_reasons", [usage.finish_reason])
+    span.end()
 
 
 async def _response_body(response: StarletteResponse) -> bytes:

@@ -31,6 +31,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from apps import tracing
 from apps.endpoints import ENDPOINTS, EndpointSpec, first_prompt, message_text
 
 # The prompt's start that must be identical for two requests to share a replica: about 128
@@ -45,6 +46,13 @@ ENDPOINT_ARG, BODY_ARG = 0, 1
 AVOID_KWARG = "avoid_replicas"
 # `ModelServer.generate`'s keyword argument carrying the model's routing knobs (`RoutingKnobs`).
 ROUTING_KWARG = "routing"
+# `ModelServer.generate`'s keyword argument carrying the call's trace context (`apps.tracing`).
+TRACE_KWARG = "trace"
+# Why a request went where it went (the `route` span's `gateway.route.reason`).
+PREFIX_AFFINITY = "prefix_affinity"  # the replica its prefix prefers, else the next of the ranking
+IMBALANCE_FALLBACK = "imbalance_fallback"  # the preferred replica was too busy: the least loaded
+POWER_OF_TWO = "power_of_two"  # prefix affinity off: the less loaded of two at random
+LEAST_LOADED = "least_loaded"  # no text prompt to hash, or one replica: the least loaded
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,22 @@ class PrefixAffinityRouter(RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        ranks, reason = self._rank(candidate_replicas, pending_request)
+        trace = pending_request.kwargs.get(TRACE_KWARG) if pending_request is not None else None
+        if trace is not None:
+            attributes = {
+                "gateway.route.reason": reason,
+                "gateway.route.first_choice": [r.replica_id.unique_id for r in ranks[0]],
+                "gateway.route.candidates": len(candidate_replicas),
+            }
+            tracing.child(trace, "route", attributes).end()
+        return ranks
+
+    def _rank(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None
+    ) -> tuple[list[list[RunningReplica]], str]:
+        """The replicas to try, best rank first (Serve takes the least loaded of a rank with
+        room), and why."""
         knobs = self._defaults
         if pending_request is not None:
             candidate_replicas = without_avoided(candidate_replicas, pending_request.kwargs.get(AVOID_KWARG))
@@ -80,10 +104,10 @@ class PrefixAffinityRouter(RequestRouter):
             carried = pending_request.kwargs.get(ROUTING_KWARG)
             knobs = carried if carried is not None else knobs
         if not knobs.prefix_affinity:
-            return [two_at_random(candidate_replicas)]  # Serve then takes the less loaded
+            return [two_at_random(candidate_replicas)], POWER_OF_TWO  # Serve takes the less loaded
         prefix = prompt_prefix(pending_request, knobs.prefix_chars) if pending_request else ""
         if not prefix or len(candidate_replicas) < 2:
-            return [candidate_replicas]  # the least loaded of all
+            return [candidate_replicas], LEAST_LOADED
         ranked = rank_by_prefix(prefix, candidate_replicas)
         preferred = ranked[0]
         loads = [self._replica_queue_len_cache.get(r.replica_id) for r in candidate_replicas]
@@ -92,9 +116,9 @@ class PrefixAffinityRouter(RequestRouter):
         if known and preferred_load is not None:
             allowed = knobs.max_imbalance * preferred.max_ongoing_requests
             if preferred_load - min(known) > allowed:
-                return [candidate_replicas]
+                return [candidate_replicas], IMBALANCE_FALLBACK
         # The preferred replica if it has room, else the least loaded of the others.
-        return [[preferred], ranked[1:]]
+        return [[preferred], ranked[1:]], PREFIX_AFFINITY
 
 
 def two_at_random(replicas: list[RunningReplica]) -> list[RunningReplica]:

@@ -18,10 +18,13 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from apps import tracing
+from apps.applications import deployment_name
 from apps.endpoints import endpoint_of
 from apps.errors import CLIENT_CLOSED_REQUEST
 from apps.metrics import NO_MODEL, UNAUTHENTICATED, ingress_metrics
@@ -57,6 +60,8 @@ class RequestRecord:
     usage: Usage | None = None
     first_byte: float | None = None
     last_byte: float | None = None
+    span: Any = None  # the request's trace span (`apps.tracing`); None when tracing is off
+    relay: tracing.Span | tracing.NoSpan = tracing.NO_SPAN  # from the answer's head to its last byte
 
     def admit(self, queue_wait_s: float) -> None:
         """The request got a slot of its model after `queue_wait_s`."""
@@ -99,9 +104,13 @@ class RequestTelemetry:
         spec = endpoint_of(scope)
         if spec is not None:
             record.endpoint = spec.name
+        record.span = tracing.request_span(scope["method"], scope["path"], scope.get("headers", ()))
+        trace_header = _trace_header(record.span)
         scope[RECORD_SCOPE_KEY] = record
 
         async def timed_send(message: Message) -> None:
+            if trace_header is not None and message["type"] == "http.response.start":
+                message = message | {"headers": [*message.get("headers", ()), trace_header]}
             await send(message)
             if message["type"] == "http.response.start":
                 record.status = message["status"]
@@ -126,6 +135,8 @@ class RequestTelemetry:
             IN_FLIGHT[(record.model, record.key)] -= 1
         try:
             self._record_metrics(record)
+            if record.span is not None:
+                _end_spans(record)
         except Exception:  # metrics must never turn an answered request into an error
             logger.exception("Recording the metrics of request %s failed", record.request_id)
         logger.info(access_line(record))
@@ -149,14 +160,19 @@ class RequestTelemetry:
                 metrics.inter_token_latency.observe(itl, tags=tags)
 
 
-async def export_gauges(queue_depths: Callable[[], Mapping[str, int]]) -> None:
-    """Forever: set the queue-depth gauge of every model (`queue_depths()`) and the in-flight
-    gauge of every (model, key) seen, every `GAUGE_REFRESH_S`."""
+async def export_gauges(
+    queue_depths: Callable[[], Mapping[str, int]], replica_bounds: Callable[[], Mapping[str, int]]
+) -> None:
+    """Forever: set the queue-depth gauge of every model (`queue_depths()`), its most replicas
+    (`replica_bounds()`) and the in-flight gauge of every (model, key) seen, every
+    `GAUGE_REFRESH_S`."""
     metrics = ingress_metrics()
     while True:
         try:
             for model, depth in queue_depths().items():
                 metrics.queue_depth.set(depth, tags={"model": model})
+            for model, most in replica_bounds().items():
+                metrics.replicas_max.set(most, tags={"model": model, "deployment": deployment_name(model)})
             for (model, key), count in list(IN_FLIGHT.items()):
                 metrics.in_flight.set(count, tags={"model": model, "key": key})
         except Exception:  # a failed export must not end the exports
@@ -184,8 +200,43 @@ def access_line(record: RequestRecord) -> str:
         "queue_ms": "-" if record.queue_wait_s is None else f"{record.queue_wait_s * 1000:.1f}",
         "ttft_ms": ms(record.first_byte),
         "total_ms": ms(record.last_byte),
+        "trace_id": tracing.trace_id(record.span) or "-",  # `apps.tracing`: - when off
     }
     return "access " + " ".join(f"{name}={value}" for name, value in fields.items())
+
+
+def _end_spans(record: RequestRecord) -> None:
+    """End the request's relay and its own span, with what the client saw."""
+    span, usage = record.span, record.usage
+    record.relay.set_attribute("http.response.status_code", record.final_status)
+    if record.final_status != 200:
+        tracing.fail(record.relay, record.reason)
+    record.relay.end()
+    attributes = {
+        "http.response.status_code": record.final_status,
+        "gateway.endpoint": record.endpoint,
+        tracing.MODEL: record.model,
+        "gateway.key": record.key,  # the key's configured name, never the key
+        "gateway.request_id": record.request_id[:MAX_LOGGED_ID_CHARS],
+        "gateway.stream": record.stream,
+    }
+    if record.queue_wait_s is not None:
+        attributes["gateway.queue_wait_s"] = record.queue_wait_s
+    if usage is not None:
+        attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+        attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
+    if record.first_byte is not None:
+        attributes["gateway.time_to_first_byte_s"] = record.first_byte - record.arrived
+    span.set_attributes(attributes)
+    if record.final_status >= 400:
+        tracing.fail(span, record.reason or str(record.final_status))
+    span.end()
+
+
+def _trace_header(span: Any) -> tuple[bytes, bytes] | None:
+    """The `x-trace-id` header of an answer whose request is traced."""
+    trace_id = tracing.trace_id(span)
+    return None if trace_id is None else (tracing.TRACE_ID_HEADER.encode(), trace_id.encode())
 
 
 def _tags(record: RequestRecord) -> dict[str, str]:

@@ -16,7 +16,8 @@ the engine sees the request.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,12 @@ class Usage:
     # Of completion_tokens, those another replica generated before this one resumed the stream:
     # the client is charged for them once (here); this engine prefilled them as prompt.
     resumed_tokens: int = 0
+    # What the engine reported besides counts, for the request's trace (`apps.tracing`): prompt
+    # tokens served from the prefix cache, when the first token came (time.monotonic()), and why
+    # the first choice finished.
+    cached_tokens: int = 0
+    first_token_at: float | None = None
+    finish_reason: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to the ingress with the answer, which needs the counts only: the ids stay here.
@@ -53,6 +60,7 @@ class Usage:
 _current_usage: ContextVar[Usage | None] = ContextVar("current_usage", default=None)
 _current_resume: ContextVar[tuple[int, ...] | None] = ContextVar("current_resume", default=None)
 _current_prompt_cap: ContextVar[int | None] = ContextVar("current_prompt_cap", default=None)
+_current_trace: ContextVar[Mapping[str, str] | None] = ContextVar("current_trace", default=None)
 
 
 def start_usage(
@@ -60,15 +68,18 @@ def start_usage(
     track_ids: bool = False,
     resume: tuple[int, ...] | None = None,
     max_prompt_tokens: int | None = None,
+    trace_headers: Mapping[str, str] | None = None,
 ) -> Usage:
     """A fresh `Usage` that engine calls made from this task (and tasks it starts) count into.
     `track_ids`: keep the generated ids. `resume`: ids generated elsewhere that the engine call
     continues from (appended to its prompt; they count as this request's output).
-    `max_prompt_tokens`: the model's prompt cap (a live setting, so it comes with the request)."""
+    `max_prompt_tokens`: the model's prompt cap (a live setting, so it comes with the request).
+    `trace_headers`: the request's trace context, handed to the engine (`apps.tracing`)."""
     usage = Usage(output_token_ids=[] if track_ids or resume is not None else None)
     _current_usage.set(usage)
     _current_resume.set(resume)
     _current_prompt_cap.set(max_prompt_tokens)
+    _current_trace.set(trace_headers)
     return usage
 
 
@@ -93,7 +104,7 @@ class MeteredEngine:
             usage.completion_tokens += len(resumed)
             usage.resumed_tokens += len(resumed)
             usage.output_token_ids.extend(resumed)
-        outputs = self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs)
+        outputs = self._engine.generate(prompt, sampling_params, request_id, *args, **_traced(kwargs))
         if usage is None:
             return outputs
         usage.prompt_tokens += prompt_tokens
@@ -109,7 +120,7 @@ class MeteredEngine:
         usage = _current_usage.get()
         if usage is not None:
             usage.prompt_tokens += prompt_tokens
-        return self._engine.encode(prompt, pooling_params, request_id, *args, **kwargs)
+        return self._engine.encode(prompt, pooling_params, request_id, *args, **_traced(kwargs))
 
     def _within_cap(self, prompt: Any) -> int:
         """The prompt's tokens; raised before anything is submitted when over the model's cap
@@ -128,10 +139,24 @@ class MeteredEngine:
         return prompt_tokens
 
 
+def _traced(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """An engine call's keyword arguments with the request's trace context (vLLM's serving layer
+    passes none: it takes them from HTTP headers, and there are none here)."""
+    trace_headers = _current_trace.get()
+    if trace_headers is None or kwargs.get("trace_headers") is not None:
+        return kwargs
+    return kwargs | {"trace_headers": trace_headers}
+
+
 async def _counted(outputs: AsyncIterator[Any], usage: Usage, delta: bool) -> AsyncIterator[Any]:
     """Pass `outputs` through, adding each choice's new tokens to `usage` as they come."""
     seen: dict[int, int] = {}
     async for output in outputs:
+        if usage.first_token_at is None and any(choice.token_ids for choice in output.outputs):
+            usage.first_token_at = time.monotonic()
+            usage.cached_tokens += output.num_cached_tokens or 0
+        if output.finished and output.outputs:
+            usage.finish_reason = output.outputs[0].finish_reason
         for choice in output.outputs:
             before = seen.get(choice.index, 0)
             now = before + len(choice.token_ids) if delta else len(choice.token_ids)

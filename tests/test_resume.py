@@ -113,9 +113,13 @@ def test_a_continuation_appends_the_received_ids_and_lowers_the_token_budget():
 
 
 class Output:
+    """What vLLM's RequestOutput has that `_counted` reads."""
+
     def __init__(self, token_ids: list[int], finished: bool = False) -> None:
-        self.outputs = [type("Choice", (), {"index": 0, "token_ids": token_ids})()]
+        reason = "length" if finished else None
+        self.outputs = [type("Choice", (), {"index": 0, "token_ids": token_ids, "finish_reason": reason})()]
         self.finished = finished
+        self.num_cached_tokens = 0
 
 
 def test_generated_ids_are_kept_in_order_for_delta_and_cumulative_outputs():

@@ -1,6 +1,6 @@
 """The ingress's request record and access line, pure logic: the middleware around a plain ASGI
 app (no Ray). That the numbers reach Prometheus is tested against the real app in
-tests/test_metrics.py."""
+tests/test_observability.py."""
 
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ def test_a_completed_stream_has_its_times_tokens_and_id(caplog):
         "queue_ms": "250.0",
         "ttft_ms": "",
         "total_ms": "",
+        "trace_id": "-",  # tracing is off
     }
     assert 0 < float(fields["ttft_ms"]) < float(fields["total_ms"])
 
@@ -108,5 +109,5 @@ def test_the_access_line_marks_what_is_unknown():
     record = RequestRecord(request_id="", arrived=1.0, status=429, reason="rate_limit_exceeded")
     assert access_line(record) == (
         "access request_id=- endpoint=- model=- key=- status=429 reason=rate_limit_exceeded stream=false "
-        "prompt_tokens=- completion_tokens=- queue_ms=- ttft_ms=- total_ms=-"
+        "prompt_tokens=- completion_tokens=- queue_ms=- ttft_ms=- total_ms=- trace_id=-"
     )
