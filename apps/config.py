@@ -315,6 +315,11 @@ class ReplicaSettings(StrictModel):
         ),
     )
 
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas the model may run: its fixed count, or its autoscaling bound."""
+        return self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
+
     @model_validator(mode="after")
     def _one_way_to_size(self) -> ReplicaSettings:
         if self.autoscaling is not None and "num_replicas" in self.model_fields_set:

@@ -91,6 +91,13 @@ class IngressMetrics:
             "Requests waiting in the ingress queue of a model, per ingress replica.",
             tag_keys=("model",),
         )
+        self.replicas_max = metrics.Gauge(
+            "gateway_model_replicas_max",
+            "The most replicas a model may run (its autoscaling `max_replicas`, or its fixed "
+            "count), live; `deployment` is its Serve deployment, to compare with Serve's "
+            "replica counts (the replicas-at-max alert).",
+            tag_keys=("model", "deployment"),
+        )
         self.failovers = metrics.Counter(
             "gateway_failovers",
             "Model calls sent again because their replica was lost: `retry` before the first "

@@ -26,4 +26,12 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# The alert tests run promtool (tests/test_alerts.py), which Debian ships with Prometheus; CI runs
+# as root with Debian's packages reachable. A fresh image has no package lists: fetch them then.
+if [ "${1:-}" = test ] && ! command -v promtool >/dev/null 2>&1 \
+  && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  install_prometheus() { apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+  install_prometheus 2>/dev/null || { apt-get update -qq && install_prometheus; }
+fi
 .venv/bin/python scripts/make_tiny_models.py

@@ -1,35 +1,53 @@
-"""Metrics, request ids and the access log on the real stack: a known workload against a real Serve
-app with two real vLLM CPU engines, then one scrape of the node's Prometheus endpoint (Ray's
-metrics agent) checked against what the client saw.
+"""Metrics, traces, request ids and the access log on the real stack: a known workload against a
+real Serve app with two real vLLM CPU engines, then what the node's Prometheus endpoint (Ray's
+metrics agent), a real Prometheus scraping it and an OTLP receiver got, checked against what the
+client saw.
 
 One app for the module: `tiny-chat` (the embedded default's model, with its named system prompt,
 one request in flight and one waiting, so a third is turned away) and `tiny-ngram` (ngram
-speculative decoding), auth on with two keys, one of them limited to 2 requests a minute.
+speculative decoding), auth on with two keys: team-a with a token budget it never reaches (so its
+requests take the rate limiter's way), team-b limited to 2 requests a minute. Tracing is on
+(OpenTelemetry's environment, inherited by every Ray process), exporting to a receiver here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import os
 import re
+import shutil
+import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
+import yaml
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from apps.auth import key_hash
 from tests.conftest import ROOT, app_args, replica_log_lines, serve_app, warm_up_and_first_request
+from tests.promql import ALERTS, alert_metric_names, dashboard_exprs, dashboard_metric_names
 
 PORT = 18460
 METRICS_PORT = 18461
+OTLP_PORT = 18462
+PROMETHEUS_PORT = 18463
+PROMETHEUS_URL = f"http://127.0.0.1:{PROMETHEUS_PORT}"
+PROMETHEUS_CONFIG = ROOT / "cluster" / "prometheus.yml"
 BASE_URL = f"http://127.0.0.1:{PORT}"
 METRICS_URL = f"http://127.0.0.1:{METRICS_PORT}/metrics"
-DASHBOARD = ROOT / "cluster" / "grafana-dashboard.json"
-KEYS = {"team-a": {}, "team-b": {"requests_per_minute": 2}}
+KEYS = {"team-a": {"tokens_per_minute": 10_000_000}, "team-b": {"requests_per_minute": 2}}
 EXACT = {"ignore_eos": True}
 USER = {"role": "user", "content": "Where is my order?"}
 REPETITIVE = "one two three four five six seven eight " * 12
@@ -40,8 +58,87 @@ def auth(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer sk-metrics-{name}"}
 
 
+class Span(dict):
+    """One exported span: name, ids (hex), kind, attributes, status."""
+
+
+class OtlpReceiver(ThreadingHTTPServer):
+    """An OTLP/HTTP trace receiver (protobuf): keeps every span it is sent."""
+
+    def __init__(self, port: int) -> None:
+        self.spans: list[Span] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportTraceServiceRequest.FromString(body)
+                with receiver.lock:
+                    receiver.spans.extend(decoded(request))
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        super().__init__(("127.0.0.1", port), Handler)
+
+    def trace(self, trace_id: str) -> list[Span]:
+        with self.lock:
+            return [span for span in self.spans if span["trace_id"] == trace_id]
+
+
+def decoded(request: ExportTraceServiceRequest) -> Iterator[Span]:
+    for resource_spans in request.resource_spans:
+        service = {kv.key: kv.value.string_value for kv in resource_spans.resource.attributes}
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                yield Span(
+                    name=span.name,
+                    trace_id=span.trace_id.hex(),
+                    span_id=span.span_id.hex(),
+                    parent=span.parent_span_id.hex() or None,
+                    kind=span.kind,
+                    attributes={kv.key: any_value(kv.value) for kv in span.attributes},
+                    status=(span.status.code, span.status.message),
+                    service=service.get("service.name"),
+                )
+
+
+def any_value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [any_value(item) for item in value.array_value.values]
+    return getattr(value, kind) if kind else None
+
+
 @pytest.fixture(scope="module")
-def gateway() -> Iterator[str]:
+def otlp() -> Iterator[OtlpReceiver]:
+    receiver = OtlpReceiver(OTLP_PORT)
+    thread = threading.Thread(target=receiver.serve_forever, daemon=True)
+    thread.start()
+    # OpenTelemetry's standard environment, inherited by every Ray process of the app.
+    tracing_env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{OTLP_PORT}",
+        "OTEL_SERVICE_NAME": "llm-gateway-test",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",  # export every 0.2 s (default 5 s)
+    }
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in tracing_env.items():
+            env.setenv(name, value)
+        yield receiver
+    receiver.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gateway(otlp: OtlpReceiver) -> Iterator[str]:
     (tiny,) = [m for m in app_args("app.yaml", local_paths=True)["models"] if m["id"] == "tiny-chat"]
     tiny["admission"] = {"max_in_flight": 1, "max_queued": 1}
     ngram = {
@@ -74,6 +171,83 @@ def gateway() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="module")
+def prometheus(gateway: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
+    """A real Prometheus (Debian's package, installed by the test set-up) with the shipped
+    config and alert rules, its scrape pointed at the test app's node and sped up; started
+    before the workload, so its rates see the traffic. None where it is not installed (its
+    tests then skip, except on CI, where they fail)."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail(NO_PROMETHEUS)
+        yield None
+        return
+    directory = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    config["global"] |= {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(ALERTS)]
+    (ray_job,) = [job for job in config["scrape_configs"] if job["job_name"] == "ray"]
+    del ray_job["file_sd_configs"]  # the shipped discovery file, made for a cluster's nodes
+    ray_job["static_configs"] = [{"targets": [f"127.0.0.1:{METRICS_PORT}"]}]
+    config["scrape_configs"] = [ray_job]
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = (directory / "prometheus.log").open("w")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={directory / 'prometheus.yml'}",
+            f"--storage.tsdb.path={directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ready(f"{PROMETHEUS_URL}/-/ready"):
+            assert process.poll() is None, (directory / "prometheus.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "Prometheus did not become ready"
+            time.sleep(0.5)
+        yield PROMETHEUS_URL
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+NO_PROMETHEUS = "prometheus is not installed (scripts/setup.sh test installs it)"
+
+
+def require(prometheus: str | None) -> None:
+    if prometheus is None:
+        pytest.skip(NO_PROMETHEUS)
+
+
+def ready(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def promql(query: str) -> list[dict[str, Any]]:
+    """An instant query's result through Prometheus's HTTP API."""
+    answer = httpx.get(f"{PROMETHEUS_URL}/api/v1/query", params={"query": query}, timeout=10).json()
+    assert answer["status"] == "success", (query, answer)
+    return answer["data"]["result"]
+
+
+def promql_sums(query: str, *by: str) -> Counter[tuple[str, ...]]:
+    """A `sum by (by)` query's non-zero values, keyed like `summed`'s."""
+    values = Counter()
+    for series in promql(query):
+        value = float(series["value"][1])
+        if value:
+            values[tuple(series["metric"].get(label, "") for label in by)] = int(value) if value.is_integer() else value
+    return values
+
+
 class Seen:
     """What the client saw, per (model, key): statuses, error codes, tokens, streams."""
 
@@ -85,6 +259,7 @@ class Seen:
         self.successes: Counter[tuple[str, str]] = Counter()
         self.streams: Counter[tuple[str, str]] = Counter()
         self.reached_gate: Counter[tuple[str, str]] = Counter()
+        self.trace_ids: dict[str, str] = {}  # an answer's trace id, by its error code
 
     def record(self, model: str, key: str, response: httpx.Response, stream: bool) -> None:
         labels = (model, key)
@@ -92,6 +267,7 @@ class Seen:
         if response.status_code != 200:
             code = response.json()["error"]["code"]
             self.reasons[(*labels, code)] += 1
+            self.trace_ids[code] = response.headers["x-trace-id"]
             if code in ("queue_full", "priority_shed", "queue_timeout"):
                 self.reached_gate[labels] += 1
             return
@@ -126,7 +302,7 @@ def completion_body(model: str, stream: bool) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def workload(gateway: str) -> Seen:
+def workload(gateway: str, prometheus: str | None) -> Seen:
     """The known workload, run once; what the client saw."""
     seen = Seen()
     client = httpx.Client(base_url=gateway, timeout=120)
@@ -252,6 +428,68 @@ def test_latency_histograms_have_one_observation_per_answer(workload, samples):
     assert inf == workload.successes
 
 
+# --- a real Prometheus: the dashboard's queries and the alert rules --------------------------
+# (before the tests below that send requests of their own: the counts must be the workload's)
+
+
+def test_prometheus_scrapes_the_same_requests_tokens_and_ttft_counts_the_client_saw(prometheus, workload, samples):
+    require(prometheus)
+    def agree() -> bool:
+        return (
+            promql_sums("sum by (model, key, status) (ray_gateway_requests_total)", "model", "key", "status")
+            == workload.statuses
+            and promql_sums("sum by (model, key) (ray_gateway_generation_tokens_total)", "model", "key")
+            == workload.completion_tokens
+            and promql_sums("sum by (model, key) (ray_gateway_prompt_tokens_total)", "model", "key")
+            == workload.prompt_tokens
+            and promql_sums(
+                "sum by (model, key) (ray_gateway_time_to_first_token_seconds_count)", "model", "key"
+            )
+            == workload.streams
+        )
+
+    deadline = time.monotonic() + 30
+    while not agree():
+        if time.monotonic() > deadline:
+            requests = promql_sums("sum by (model, key, status) (ray_gateway_requests_total)", "model", "key", "status")
+            assert requests == workload.statuses
+            streams = promql_sums("sum by (model, key) (ray_gateway_time_to_first_token_seconds_count)", "model", "key")
+            assert streams == workload.streams
+            raise AssertionError("token counts differ from the client's")
+        time.sleep(1)
+
+
+def test_every_dashboard_panel_query_returns_data_from_prometheus(prometheus, samples):
+    require(prometheus)
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 20, exprs
+    # Grafana's variables, as the dashboard's defaults resolve them.
+    empty = [expr.replace("$model", ".*").replace("$__rate_interval", "1m") for expr in exprs]
+    # Ray's agent may leave a series out of a scrape now and then (Prometheus marks it stale
+    # until the next): each query gets a few scrapes to answer.
+    deadline = time.monotonic() + 30
+    while empty and time.monotonic() < deadline:
+        empty = [query for query in empty if not promql(query)]
+        time.sleep(1)
+    assert not empty, f"panel queries without data: {empty}"
+
+
+def test_the_alert_rules_load_and_evaluate_without_error(prometheus, samples):
+    require(prometheus)
+    deadline = time.monotonic() + 30
+    while True:
+        groups = httpx.get(f"{PROMETHEUS_URL}/api/v1/rules", timeout=10).json()["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        evaluated = [rule for rule in rules if rule.get("lastEvaluation", "").startswith("20")]
+        if rules and len(evaluated) == len(rules):
+            break
+        assert time.monotonic() < deadline, "the rules were not evaluated"
+        time.sleep(1)
+    assert {rule["name"] for rule in rules} >= {"GatewayTTFTOverSLO", "GatewayErrorRateHigh"}
+    failed = {rule["name"]: rule.get("lastError") for rule in rules if rule["health"] != "ok"}
+    assert not failed, failed
+
+
 def test_queue_and_in_flight_gauges_are_exported_and_drained(samples):
     def drained(samples: Samples) -> None:  # gauges are exported every second
         depth_series = {labels["model"] for labels, _ in samples["ray_gateway_queue_depth"]}
@@ -328,17 +566,11 @@ def test_the_request_id_is_returned_and_in_the_access_log(gateway, workload):
     assert (refused["status"], refused["reason"], refused["key"]) == ("401", "missing_api_key", "-")
 
 
-def test_every_metric_the_dashboard_queries_is_exported(samples):
-    dashboard = json.loads(DASHBOARD.read_text())
-    queried = {
-        name
-        for panel in dashboard["panels"]
-        for target in panel.get("targets", [])
-        for name in re.findall(r"\bray_[a-z0-9_]+", target["expr"])
-    }
+def test_every_metric_the_dashboard_and_the_alerts_query_is_exported(samples):
+    queried = dashboard_metric_names() | alert_metric_names()
     assert len(queried) >= 10, queried
     missing = sorted(queried - set(samples))
-    assert not missing, f"the dashboard queries metrics the app does not export: {missing}"
+    assert not missing, f"the dashboard or the alerts query metrics the app does not export: {missing}"
 
 
 def test_each_model_replica_logs_its_warm_up_and_its_first_requests_ttft(workload):
@@ -350,3 +582,94 @@ def test_each_model_replica_logs_its_warm_up_and_its_first_requests_ttft(workloa
 
 def ingress_log_lines() -> list[str]:
     return [line for lines in replica_log_lines("ingress").values() for line in lines]
+
+
+# --- traces -------------------------------------------------------------------------------------
+
+CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN_ID = "00f067aa0ba902b7"
+SERVER_KIND, ERROR_STATUS = 2, 2  # OTLP's SPAN_KIND_SERVER, STATUS_CODE_ERROR
+INGRESS_SPANS = {"authenticate", "read", "shape", "rate_limit", "queue", "model_call", "relay"}
+
+
+def spans_of(otlp: OtlpReceiver, trace_id: str, names: set[str], timeout_s: float = 30) -> dict[str, Span]:
+    """The trace's spans by name, once every one of `names` has arrived (spans are exported in
+    batches, from every process)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        spans = otlp.trace(trace_id)
+        by_name = {span["name"]: span for span in spans}
+        if names <= by_name.keys():
+            return by_name
+        assert time.monotonic() < deadline, f"missing spans: {sorted(names - by_name.keys())}"
+        time.sleep(0.5)
+
+
+def test_a_streamed_request_is_one_trace_across_every_hop_continuing_the_clients(gateway, otlp):
+    body = chat_body("tiny-chat", stream=True, max_tokens=8)
+    traceparent = f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"
+    response = httpx.post(
+        f"{gateway}/v1/chat/completions",
+        json=body,
+        headers=auth("team-a") | {"traceparent": traceparent, "x-request-id": "traced-1"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["x-trace-id"] == CLIENT_TRACE_ID, "the client's trace is continued"
+    usage = stream_usage(response.text)
+    root_name = "POST /v1/chat/completions"
+    spans = spans_of(otlp, CLIENT_TRACE_ID, INGRESS_SPANS | {root_name, "route", "model_server", "llm_request"})
+
+    root = spans[root_name]
+    assert (root["parent"], root["kind"]) == (CLIENT_SPAN_ID, SERVER_KIND)
+    for name in INGRESS_SPANS:
+        assert spans[name]["parent"] == root["span_id"], name
+    call = spans["model_call"]
+    assert spans["route"]["parent"] == call["span_id"]
+    assert spans["model_server"]["parent"] == call["span_id"]
+    assert spans["llm_request"]["parent"] == spans["model_server"]["span_id"], "vLLM's span joins the trace"
+    assert {span["service"] for name, span in spans.items() if name != "llm_request"} == {"llm-gateway-test"}
+
+    attributes = root["attributes"]
+    assert attributes["gen_ai.request.model"] == "tiny-chat"
+    assert attributes["gateway.key"] == "team-a"
+    assert attributes["http.response.status_code"] == 200
+    assert attributes["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+    assert attributes["gateway.request_id"] == "traced-1"
+    assert spans["queue"]["attributes"]["gateway.priority"] == "normal"
+    route = spans["route"]["attributes"]
+    assert route["gateway.route.reason"] in ("prefix_affinity", "least_loaded", "imbalance_fallback")
+    assert call["attributes"]["gateway.replica"] == spans["model_server"]["attributes"]["gateway.replica"]
+    engine = spans["model_server"]["attributes"]
+    assert engine["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
+    assert engine["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+    assert 0 <= engine["gen_ai.usage.cached_tokens"] <= usage["prompt_tokens"]
+    assert engine["gen_ai.time_to_first_token_s"] > 0
+    assert engine["gen_ai.response.finish_reasons"] == ["length"]
+    assert spans["llm_request"]["attributes"]["gen_ai.usage.completion_tokens"] == usage["completion_tokens"]
+    secret = auth("team-a")["Authorization"].split()[1]
+    assert not [s for s in spans.values() if secret in json.dumps(s)], "a span carries the key itself"
+
+    deadline = time.monotonic() + 10
+    while not [line for line in ingress_log_lines() if "request_id=traced-1 " in line]:
+        assert time.monotonic() < deadline, "no access line"
+        time.sleep(0.2)
+    (line,) = [line for line in ingress_log_lines() if "request_id=traced-1 " in line]
+    assert line.endswith(f"trace_id={CLIENT_TRACE_ID}"), line
+
+
+@pytest.mark.parametrize(
+    ("code", "failed_stage"), [("rate_limit_exceeded", "rate_limit"), ("queue_full", "queue")]
+)
+def test_a_refused_requests_trace_carries_its_error_code(workload, otlp, code, failed_stage):
+    """The workload's 429 (team-b's third request) and 503 (the third long request): a trace of
+    their own (no traceparent sent), failed with the code the client saw."""
+    trace_id = workload.trace_ids[code]
+    assert re.fullmatch(r"[0-9a-f]{32}", trace_id)
+    spans = spans_of(otlp, trace_id, {"POST /v1/chat/completions", failed_stage})
+    root = spans["POST /v1/chat/completions"]
+    assert root["parent"] is None, "a new trace"
+    for span in (root, spans[failed_stage]):
+        assert span["status"][0] == ERROR_STATUS, span
+        assert span["attributes"]["error.type"] == code
+    assert "model_call" not in spans, "refused before any model call"
