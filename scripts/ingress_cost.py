@@ -3,8 +3,8 @@
 Times what the ingress does to every request before handing it to a model (parse the body,
 shape it: max_tokens default and cap, the estimate; check the API key; take and free a slot of
 the model's gate; the rate limiter's bookkeeping, here in-process; the volatile-prefix scan; the
-telemetry middleware: timings, metrics and the access line) and the error path of a rejected
-request, with `time.process_time` (CPU, not wall time) over many repetitions, best of
+telemetry middleware: timings, metrics and the access line; the trace's spans, with tracing off
+and on) and the error path of a rejected request, with `time.process_time` (CPU, not wall time) over many repetitions, best of
 several rounds. The limiter's Ray round trip is not in here: docs/BENCHMARKS.md measures it end
 to end. Future changes add their stages here so their cost stays visible.
 
@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from apps import tracing
 from apps.admission import ModelGate, shed_depths
 from apps.auth import KeyTable, key_hash
 from apps.config import ApiKey, AuthSettings, RequestLimits
@@ -133,8 +134,68 @@ def measure(repetitions: int = REPETITIONS) -> dict[str, float]:
         "volatile_prefix_scan_us": cpu_us_per_call(lambda: watch.check(body, "chat"), repetitions),
         "telemetry_middleware_us": telemetry_us,
     }
+    results |= tracing_costs(repetitions)
     loop.close()
     return results
+
+
+def one_requests_spans() -> None:
+    """Every span one request makes, in every process (`apps.tracing`), as the code makes them."""
+    headers = [(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]
+    root = tracing.request_span("POST", "/v1/chat/completions", headers)
+    for name in ("authenticate", "read", "shape", "rate_limit", "queue"):
+        with tracing.child(root, name) as span:
+            span.set_attribute("gateway.priority", "normal")
+    with tracing.child(root, "model_call", {"gateway.attempt": 1}) as call:
+        carried = tracing.carrier(call)  # to the router and the model server
+        tracing.child(carried, "route", {"gateway.route.reason": "prefix_affinity"}).end()
+        engine = tracing.child(carried, "model_server", {"gateway.replica": "r"})
+        tracing.carrier(engine)  # to vLLM
+        engine.set_attribute("gen_ai.usage.output_tokens", 64)
+        engine.end()
+    relay = tracing.child(root, "relay")
+    relay.end()
+    if root is not None:
+        tracing.trace_id(root)  # the header and the access line
+        root.set_attributes({"http.response.status_code": 200, "gen_ai.request.model": "tiny-chat"})
+        root.end()
+
+
+def tracing_costs(repetitions: int) -> dict[str, float]:
+    """One request's spans with tracing off (the shipped default) and on. On: each span
+    encoded to OTLP protobuf by the batch processor's thread (counted: process time is every
+    thread's), not sent."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class EncodingExporter(SpanExporter):
+        def export(self, spans) -> SpanExportResult:
+            encode_spans(spans).SerializeToString()
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    processor = BatchSpanProcessor(EncodingExporter(), max_queue_size=100_000)
+    provider.add_span_processor(processor)
+    traced = provider.get_tracer("ingress-cost")
+    made_by = tracing.tracer
+    try:
+        tracing.tracer = lambda: None
+        off = cpu_us_per_call(one_requests_spans, repetitions)
+
+        tracing.tracer = lambda: traced
+        rounds = max(1, repetitions // 10)  # spans pile up in memory until exported
+
+        def traced_round() -> None:
+            for _ in range(rounds):
+                one_requests_spans()
+            processor.force_flush()
+
+        on = cpu_us_per_call(traced_round, 1) / rounds
+    finally:
+        tracing.tracer = made_by
+        provider.shutdown()
+    return {"tracing_off_spans_us": off, "tracing_on_spans_us": on}
 
 
 if __name__ == "__main__":
