@@ -104,7 +104,9 @@ class RequestTelemetry:
         spec = endpoint_of(scope)
         if spec is not None:
             record.endpoint = spec.name
-        record.span = tracing.request_span(scope["method"], scope["path"], scope.get("headers", ()))
+        # Named by the endpoint's path: a client's arbitrary path must not make span names.
+        route = spec.path if spec is not None else "-"
+        record.span = tracing.request_span(scope["method"], route, scope.get("headers", ()))
         trace_header = _trace_header(record.span)
         scope[RECORD_SCOPE_KEY] = record
 
@@ -135,10 +137,13 @@ class RequestTelemetry:
             IN_FLIGHT[(record.model, record.key)] -= 1
         try:
             self._record_metrics(record)
-            if record.span is not None:
-                _end_spans(record)
         except Exception:  # metrics must never turn an answered request into an error
             logger.exception("Recording the metrics of request %s failed", record.request_id)
+        if record.span is not None:
+            try:
+                _end_spans(record)
+            except Exception:
+                logger.exception("Ending the spans of request %s failed", record.request_id)
         logger.info(access_line(record))
 
     def _record_metrics(self, record: RequestRecord) -> None:

@@ -75,10 +75,19 @@ def protocol(environ: Mapping[str, str] = os.environ) -> str:
 
 @functools.cache
 def tracer() -> Any:
-    """This process's tracer, made on first use; None when tracing is off."""
+    """This process's tracer, made on first use; None when tracing is off, or could not be set up
+    (logged once: a broken exporter must not fail the requests)."""
     endpoint = traces_endpoint()
     if endpoint is None:
         return None
+    try:
+        return _new_tracer(endpoint)
+    except Exception:
+        logger.exception("Tracing could not be set up (%s): no spans from this process.", endpoint)
+        return None
+
+
+def _new_tracer(endpoint: str) -> Any:
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor

@@ -152,7 +152,8 @@ async def _counted(outputs: AsyncIterator[Any], usage: Usage, delta: bool) -> As
     """Pass `outputs` through, adding each choice's new tokens to `usage` as they come."""
     seen: dict[int, int] = {}
     async for output in outputs:
-        if usage.first_token_at is None and any(choice.token_ids for choice in output.outputs):
+        # A non-streaming request's only output is its last: no first token to time.
+        if delta and usage.first_token_at is None and any(choice.token_ids for choice in output.outputs):
             usage.first_token_at = time.monotonic()
             usage.cached_tokens += output.num_cached_tokens or 0
         if output.finished and output.outputs:

@@ -3,7 +3,8 @@
 # models, start Ray with its Prometheus endpoint on http://127.0.0.1:8080/metrics, and serve
 # configs/app.yaml (or the config given as the first argument) in the foreground.
 # Ctrl-C stops everything it started: the app, HAProxy, Ray.
-#   LLM_GATEWAY_HOST            the address Ray and its metrics bind to (default 127.0.0.1)
+#   LLM_GATEWAY_HOST            the address Ray's node uses (default 127.0.0.1; Ray's metrics
+#                               endpoint listens on every interface whatever it is)
 #   LLM_GATEWAY_METRICS_PORT    the Prometheus endpoint's port (default 8080)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,22 +16,27 @@ set -a
 . configs/ray-serve.env
 set +a
 export RAY_SERVE_HAPROXY_BINARY_PATH="$PWD/.venv/bin/llm-gateway-haproxy"  # the connection cap
-# Ray's token authentication (the token in ~/.ray/auth_token, made on the first start): the
-# `serve` and `ray` commands of the README need the same variable.
+# Ray's token authentication (the token in ~/.ray/auth_token, made here the first time; `ray start`
+# does not make one): the `serve` and `ray` commands of the README need the same variable.
 export RAY_AUTH_MODE=token
+[ -s "$HOME/.ray/auth_token" ] || .venv/bin/ray get-auth-token --generate >/dev/null
 
-if .venv/bin/ray status >/dev/null 2>&1; then
-  echo "A Ray instance already runs here; stop it first (.venv/bin/ray stop)." >&2
-  exit 1
-fi
+# `ray stop` stops every Ray process of the machine: never start (and later stop) over another.
+for port in 6379 "$metrics_port" 8000; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "Port $port is taken (another Ray or gateway?): stop it first (.venv/bin/ray stop)." >&2
+    exit 1
+  fi
+done
+# A Ray instance of its own (not `serve run`'s implicit one) so that the metrics port is fixed.
+.venv/bin/ray start --head --node-ip-address "$host" --metrics-export-port "$metrics_port" \
+  --disable-usage-stats
 stop() {
+  trap '' INT  # a second Ctrl-C must not leave HAProxy or Ray half stopped
   .venv/bin/serve shutdown -y >/dev/null 2>&1 || true  # HAProxy and the replicas, if still up
   .venv/bin/ray stop >/dev/null 2>&1 || .venv/bin/ray stop --force >/dev/null 2>&1 || true
   echo "Stopped the gateway and Ray."
 }
 trap stop EXIT
-# A Ray instance of its own (not `serve run`'s implicit one) so that the metrics port is fixed.
-.venv/bin/ray start --head --node-ip-address "$host" --metrics-export-port "$metrics_port" \
-  --disable-usage-stats
 echo "Metrics: http://$host:$metrics_port/metrics"
 .venv/bin/serve run --address auto "${1:-configs/app.yaml}"
