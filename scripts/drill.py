@@ -124,8 +124,9 @@ class StreamReading:
 
 
 def classify_stream(lines: list[str], expected_tokens: int) -> StreamReading:
-    """The outcome of a 200 stream from its `data:` lines, in order."""
-    tokens, usage_tokens, ids, text = 0, None, set(), []
+    """The outcome of a 200 stream from its `data:` lines, in order. Complete: every token asked
+    for, one id, usage that agrees, and `finish_reason` `length` (the drill asks `ignore_eos`)."""
+    tokens, usage_tokens, ids, text, finish_reasons = 0, None, set(), [], []
 
     def reading(kind: str, detail: str) -> StreamReading:
         return StreamReading(kind, tokens, detail, "".join(text))
@@ -134,10 +135,14 @@ def classify_stream(lines: list[str], expected_tokens: int) -> StreamReading:
         if line == DONE_LINE:
             if len(ids) > 1:
                 return reading("short", f"chunks carry several ids: {sorted(ids)}")
-            if usage_tokens is not None and usage_tokens != tokens:
+            if usage_tokens is None:
+                return reading("short", "no usage")
+            if usage_tokens != tokens:
                 return reading("short", f"usage says {usage_tokens}")
             if tokens != expected_tokens:
                 return reading("short", f"expected {expected_tokens}")
+            if finish_reasons != ["length"]:
+                return reading("short", f"finish reasons {finish_reasons}")
             return reading(COMPLETE, "")
         event = json.loads(line[len("data: ") :])
         if "error" in event:
@@ -147,6 +152,8 @@ def classify_stream(lines: list[str], expected_tokens: int) -> StreamReading:
         for choice in event.get("choices") or []:
             tokens += len((choice.get("logprobs") or {}).get("content") or [])
             text.append((choice.get("delta") or {}).get("content") or "")
+            if choice.get("finish_reason") is not None:
+                finish_reasons.append(choice["finish_reason"])
         if event.get("usage"):
             usage_tokens = event["usage"].get("completion_tokens")
     return reading("cut", "no [DONE]")
