@@ -527,6 +527,8 @@ def scrape() -> dict[tuple[str, str, str], float]:
 
 
 def test_each_endpoint_is_counted_in_metrics_and_the_access_log(stack):
+    """...and, with tracing off (this app has no OTEL_* environment), traced by nobody: no
+    `x-trace-id`, `trace_id=-` in the access line."""
     sent = {
         "responses": ("/v1/responses", responses()),
         "messages": ("/v1/messages", messages()),
@@ -542,6 +544,7 @@ def test_each_endpoint_is_counted_in_metrics_and_the_access_log(stack):
     for endpoint, (path, body) in sent.items():
         response = post(stack.gateway, path, body, bearer() | {"x-request-id": f"endpoints-{endpoint}"})
         assert response.status_code == 200, response.text
+        assert "x-trace-id" not in response.headers, "tracing is off unless OTEL_* says otherwise"
         ids[endpoint] = (body["model"], response.headers["x-request-id"])
     deadline = time.monotonic() + 30
     while True:
@@ -559,6 +562,7 @@ def test_each_endpoint_is_counted_in_metrics_and_the_access_log(stack):
     for endpoint, (model, request_id) in ids.items():
         (line,) = [line for line in lines if f"access request_id={request_id} " in line]
         assert f"endpoint={endpoint} model={model} key=full status=200" in line
+        assert line.endswith(" trace_id=-"), "tracing off: no trace"
         if endpoint in ("embeddings", "score", "rerank"):
             assert "prompt_tokens=0 " not in line, "a pooling request's input tokens are counted"
 
