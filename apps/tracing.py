@@ -100,7 +100,9 @@ def _new_tracer(endpoint: str) -> Any:
     # Resource.create adds OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME, but the attributes it is
     # given win over both: the default name only where neither names the service.
     attributes: dict[str, Any] = {"process.pid": os.getpid()}
-    named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
+        "OTEL_RESOURCE_ATTRIBUTES", ""
+    )
     if not named:
         attributes[SERVICE_NAME] = DEFAULT_SERVICE_NAME
     resource = Resource.create(attributes)

@@ -161,8 +161,7 @@ def gateway(otlp: OtlpReceiver) -> Iterator[str]:
         "auth": {
             "enabled": True,
             "keys": [
-                {"name": name, "sha256": key_hash(auth(name)["Authorization"][len("Bearer ") :])}
-                | limits
+                {"name": name, "sha256": key_hash(auth(name)["Authorization"][len("Bearer ") :])} | limits
                 for name, limits in KEYS.items()
             ],
         },
@@ -244,7 +243,9 @@ def promql_sums(query: str, *by: str) -> Counter[tuple[str, ...]]:
     for series in promql(query):
         value = float(series["value"][1])
         if value:
-            values[tuple(series["metric"].get(label, "") for label in by)] = int(value) if value.is_integer() else value
+            values[tuple(series["metric"].get(label, "") for label in by)] = (
+                int(value) if value.is_integer() else value
+            )
     return values
 
 
@@ -432,8 +433,11 @@ def test_latency_histograms_have_one_observation_per_answer(workload, samples):
 # (before the tests below that send requests of their own: the counts must be the workload's)
 
 
-def test_prometheus_scrapes_the_same_requests_tokens_and_ttft_counts_the_client_saw(prometheus, workload, samples):
+def test_prometheus_scrapes_the_same_requests_tokens_and_ttft_counts_the_client_saw(
+    prometheus, workload, samples
+):
     require(prometheus)
+
     def agree() -> bool:
         return (
             promql_sums("sum by (model, key, status) (ray_gateway_requests_total)", "model", "key", "status")
@@ -451,9 +455,13 @@ def test_prometheus_scrapes_the_same_requests_tokens_and_ttft_counts_the_client_
     deadline = time.monotonic() + 30
     while not agree():
         if time.monotonic() > deadline:
-            requests = promql_sums("sum by (model, key, status) (ray_gateway_requests_total)", "model", "key", "status")
+            requests = promql_sums(
+                "sum by (model, key, status) (ray_gateway_requests_total)", "model", "key", "status"
+            )
             assert requests == workload.statuses
-            streams = promql_sums("sum by (model, key) (ray_gateway_time_to_first_token_seconds_count)", "model", "key")
+            streams = promql_sums(
+                "sum by (model, key) (ray_gateway_time_to_first_token_seconds_count)", "model", "key"
+            )
             assert streams == workload.streams
             raise AssertionError("token counts differ from the client's")
         time.sleep(1)
@@ -495,7 +503,9 @@ def test_queue_and_in_flight_gauges_are_exported_and_drained(samples):
         depth_series = {labels["model"] for labels, _ in samples["ray_gateway_queue_depth"]}
         assert depth_series == {"tiny-chat", "tiny-ngram"}, "every model's queue depth is exported"
         assert not summed(samples, "ray_gateway_queue_depth", "model"), "nothing waits now"
-        in_flight = {(labels["model"], labels["key"]) for labels, _ in samples["ray_gateway_requests_in_flight"]}
+        in_flight = {
+            (labels["model"], labels["key"]) for labels, _ in samples["ray_gateway_requests_in_flight"]
+        }
         assert in_flight == {("tiny-chat", "team-a"), ("tiny-chat", "team-b"), ("tiny-ngram", "team-a")}
         assert not summed(samples, "ray_gateway_requests_in_flight", "model", "key"), "nothing in flight"
 
@@ -553,7 +563,9 @@ def test_the_request_id_is_returned_and_in_the_access_log(gateway, workload):
         raise AssertionError(f"no access line for {request_id}")
 
     line = access_line("metrics-test-42")
-    assert {k: line[k] for k in ("model", "key", "status", "stream", "prompt_tokens", "completion_tokens")} == {
+    assert {
+        k: line[k] for k in ("model", "key", "status", "stream", "prompt_tokens", "completion_tokens")
+    } == {
         "model": "tiny-chat",
         "key": "team-a",
         "status": "200",
@@ -618,7 +630,9 @@ def test_a_streamed_request_is_one_trace_across_every_hop_continuing_the_clients
     assert response.headers["x-trace-id"] == CLIENT_TRACE_ID, "the client's trace is continued"
     usage = stream_usage(response.text)
     root_name = "POST /v1/chat/completions"
-    spans = spans_of(otlp, CLIENT_TRACE_ID, INGRESS_SPANS | {root_name, "route", "model_server", "llm_request"})
+    spans = spans_of(
+        otlp, CLIENT_TRACE_ID, INGRESS_SPANS | {root_name, "route", "model_server", "llm_request"}
+    )
 
     root = spans[root_name]
     assert (root["parent"], root["kind"]) == (CLIENT_SPAN_ID, SERVER_KIND)
