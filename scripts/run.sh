@@ -3,13 +3,10 @@
 # models, start Ray with its Prometheus endpoint on http://127.0.0.1:8080/metrics, and serve
 # configs/app.yaml (or the config given as the first argument) in the foreground.
 # Ctrl-C stops everything it started: the app, HAProxy, Ray.
-#   LLM_GATEWAY_HOST            the address Ray's node uses (default 127.0.0.1; Ray's metrics
-#                               endpoint listens on every interface whatever it is)
 #   LLM_GATEWAY_METRICS_PORT    the Prometheus endpoint's port (default 8080)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-host="${LLM_GATEWAY_HOST:-127.0.0.1}"
 metrics_port="${LLM_GATEWAY_METRICS_PORT:-8080}"
 # Ray's processes inherit how Serve runs (HAProxy in front, the throughput mode).
 set -a
@@ -28,9 +25,10 @@ for port in 6379 "$metrics_port" 8000; do
     exit 1
   fi
 done
-# A Ray instance of its own (not `serve run`'s implicit one) so that the metrics port is fixed.
-.venv/bin/ray start --head --node-ip-address "$host" --metrics-export-port "$metrics_port" \
-  --disable-usage-stats
+# A Ray instance of its own (not `serve run`'s implicit one) so that the metrics port is fixed, in
+# a session of its own: Ctrl-C reaches this script's process group, and Ray's daemons must not
+# die of it before Serve has shut down (stop below stops them in order).
+setsid --wait .venv/bin/ray start --head --metrics-export-port "$metrics_port" --disable-usage-stats
 stop() {
   trap '' INT  # a second Ctrl-C must not leave HAProxy or Ray half stopped
   .venv/bin/serve shutdown -y >/dev/null 2>&1 || true  # HAProxy and the replicas, if still up
@@ -38,5 +36,5 @@ stop() {
   echo "Stopped the gateway and Ray."
 }
 trap stop EXIT
-echo "Metrics: http://$host:$metrics_port/metrics"
+echo "Metrics: http://127.0.0.1:$metrics_port/metrics"
 .venv/bin/serve run --address auto "${1:-configs/app.yaml}"

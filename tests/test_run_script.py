@@ -23,7 +23,7 @@ import yaml
 from tests.conftest import ROOT, app_args, serve_config
 
 PORT = 18490
-METRICS_PORT = 18491
+METRICS_PORT = 20491  # above Ray's worker ports (10002-19999), which `ray start` keeps for itself
 RAY_GCS_PORT = 6379  # `ray start --head`'s
 # What the README prints for the serve CLI against the app run.sh starts ("Operating it").
 README_SERVE_STATUS = (
@@ -67,6 +67,9 @@ def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subproce
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, as a terminal's
+            # A terminal's job takes Ctrl-C; a job a script started in the background inherits
+            # SIGINT ignored (and Python then never raises KeyboardInterrupt): undo that.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         deadline = time.monotonic() + 600
