@@ -45,7 +45,6 @@ logger = logging.getLogger("ray.serve")
 DEFAULT_SERVICE_NAME = "llm-gateway"
 HTTP_PROTOCOL, GRPC_PROTOCOL = "http/protobuf", "grpc"
 TRACE_ID_HEADER = "x-trace-id"  # every answer's, while tracing is on
-TRACEPARENT = "traceparent"
 # Attribute names: OpenTelemetry's semantic conventions where they have one (HTTP, GenAI).
 MODEL = "gen_ai.request.model"
 ERROR_TYPE = "error.type"
@@ -139,16 +138,13 @@ def child(parent: Any, name: str, attributes: Mapping[str, Any] | None = None) -
     from opentelemetry.propagate import extract
     from opentelemetry.trace import set_span_in_context
 
-    if isinstance(parent, Mapping):
-        context = extract(parent)
-    else:
-        context = set_span_in_context(parent.span if isinstance(parent, Span) else parent)
+    context = extract(parent) if isinstance(parent, Mapping) else set_span_in_context(_otel(parent))
     return Span(active.start_span(name, context=context, attributes=attributes))
 
 
 def carrier(span: Any) -> dict[str, str] | None:
     """`span`'s context as W3C trace-context headers, for another process; None when off."""
-    otel_span = span.span if isinstance(span, (Span, NoSpan)) else span
+    otel_span = _otel(span)
     if otel_span is None:
         return None
     from opentelemetry.propagate import inject
@@ -172,9 +168,14 @@ def fail(span: Any, code: str | None, message: str | None = None) -> None:
         return
     from opentelemetry.trace import Status, StatusCode
 
-    otel_span = span.span if isinstance(span, Span) else span
+    otel_span = _otel(span)
     otel_span.set_attribute(ERROR_TYPE, code or "error")
     otel_span.set_status(Status(StatusCode.ERROR, code or message))
+
+
+def _otel(span: Any) -> Any:
+    """The OpenTelemetry span behind `span` (a `Span`, `NO_SPAN`'s None, or an OpenTelemetry span)."""
+    return span.span if isinstance(span, (Span, NoSpan)) else span
 
 
 class Span:
@@ -198,9 +199,6 @@ class Span:
         if value is not None:
             self.span.set_attribute(name, value)
 
-    def add_event(self, name: str, attributes: Mapping[str, Any] | None = None) -> None:
-        self.span.add_event(name, attributes)
-
     def end(self) -> None:
         self.span.end()
 
@@ -218,9 +216,6 @@ class NoSpan:
         return None
 
     def set_attribute(self, name: str, value: Any) -> None:
-        return None
-
-    def add_event(self, name: str, attributes: Mapping[str, Any] | None = None) -> None:
         return None
 
     def end(self) -> None:

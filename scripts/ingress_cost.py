@@ -4,8 +4,8 @@ Times what the ingress does to every request before handing it to a model (parse
 shape it: max_tokens default and cap, the estimate; check the API key; take and free a slot of
 the model's gate; the rate limiter's bookkeeping, here in-process; the volatile-prefix scan; the
 telemetry middleware: timings, metrics and the access line; the trace's spans, with tracing off
-and on) and the error path of a rejected request, with `time.process_time` (CPU, not wall time) over many repetitions, best of
-several rounds. The limiter's Ray round trip is not in here: docs/BENCHMARKS.md measures it end
+and on) and the error path of a rejected request, with `time.process_time` (CPU, not wall time)
+over many repetitions, best of several rounds. The limiter's Ray round trip is not in here: docs/BENCHMARKS.md measures it end
 to end. Future changes add their stages here so their cost stays visible.
 
     python -m scripts.ingress_cost            # prints a table and the JSON
