@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,6 +119,18 @@ def replica_log_lines(deployment: str) -> dict[str, list[str]]:
     application = deployment if deployment.startswith("model-") else GATEWAY_APP
     pattern = f"/tmp/ray/session_latest/logs/serve/replica_{application}_{deployment}_*.log"
     return {path: Path(path).read_text(errors="replace").splitlines() for path in sorted(glob.glob(pattern))}
+
+
+def ingress_log_line(text: str, timeout_s: float = 10) -> str:
+    """The first ingress log line containing `text`, waited for: the access line is written after
+    the answer's last byte has left, so a client can hold its answer before the line exists."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for line in (line for lines in replica_log_lines("ingress").values() for line in lines):
+            if text in line:
+                return line
+        assert time.monotonic() < deadline, f"no ingress log line with {text!r} within {timeout_s} s"
+        time.sleep(0.2)
 
 
 def warm_up_and_first_request(lines: list[str], model_id: str) -> tuple[str, str]:

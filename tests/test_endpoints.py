@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from apps.auth import key_hash
 from apps.endpoints import ENDPOINTS
-from tests.conftest import ROOT, app_args, deploy, replica_log_lines, serve_app
+from tests.conftest import ROOT, app_args, deploy, ingress_log_line, serve_app
 
 PORT = 18830
 METRICS_PORT = 18831
@@ -417,8 +417,7 @@ def test_an_adapter_is_a_model_of_its_own_to_clients(stack):
     client = openai.OpenAI(base_url=f"{stack.gateway}/v1", api_key=secret("adapter-only"), max_retries=0)
     answer = client.chat.completions.create(model=ADAPTER, messages=MESSAGES, max_tokens=4)
     assert answer.model == ADAPTER and answer.usage.completion_tokens == 4
-    lines = [line for lines in replica_log_lines("ingress").values() for line in lines]
-    assert any(f"model={ADAPTER} key=adapter-only status=200" in line for line in lines)
+    ingress_log_line(f"model={ADAPTER} key=adapter-only status=200")
 
 
 def engine_pids() -> set[int]:
@@ -558,9 +557,8 @@ def test_each_endpoint_is_counted_in_metrics_and_the_access_log(stack):
             break
         time.sleep(0.5)
     assert grown == set(sent)
-    lines = [line for lines in replica_log_lines("ingress").values() for line in lines]
     for endpoint, (model, request_id) in ids.items():
-        (line,) = [line for line in lines if f"access request_id={request_id} " in line]
+        line = ingress_log_line(f"access request_id={request_id} ")
         assert f"endpoint={endpoint} model={model} key=full status=200" in line
         assert line.endswith(" trace_id=-"), "tracing off: no trace"
         if endpoint in ("embeddings", "score", "rerank"):
