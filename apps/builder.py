@@ -118,6 +118,11 @@ def replica_sizing(model: ModelConfig) -> dict[str, float]:
     count is min = max)."""
     autoscaling = model.replicas.autoscaling
     target = max(1.0, model.engine.max_num_seqs * TARGET_ONGOING_SHARE)
+    # The policy scales a derived target by what the engines' KV cache holds (`apps.capacity`).
+    typical = model.admission.typical_request_tokens
+    derived = {}
+    if typical and not model.replicas.max_ongoing_requests:
+        derived = {"typical_request_tokens": float(typical)}
     if autoscaling is None:
         count = model.replicas.num_replicas
         return {
@@ -126,14 +131,14 @@ def replica_sizing(model: ModelConfig) -> dict[str, float]:
             "target_ongoing_requests": target,
             "upscale_delay_s": 0.0,
             "downscale_delay_s": 0.0,
-        }
+        } | derived
     return {
         "min_replicas": autoscaling.min_replicas,
         "max_replicas": autoscaling.max_replicas,
         "target_ongoing_requests": autoscaling.target_ongoing_requests or target,
         "upscale_delay_s": autoscaling.upscale_delay_s,
         "downscale_delay_s": autoscaling.downscale_delay_s,
-    }
+    } | (derived if autoscaling.target_ongoing_requests is None else {})
 
 
 class Settings:

@@ -386,14 +386,27 @@ class AdmissionSettings(StrictModel):
         default=None,
         ge=1,
         description=(
-            "Requests of this model at its engines at once. None: max_ongoing_requests times the "
-            "replica count (max_replicas when autoscaling), i.e. what the replicas can batch."
+            "Requests of this model at its engines at once. None: max_ongoing_requests (or what "
+            "the KV cache holds, `typical_request_tokens`) times the replica count (max_replicas "
+            "when autoscaling), i.e. what the replicas can batch."
         ),
     )
     max_queued: int | None = Field(
         default=None,
         ge=0,
         description="Requests waiting at the ingress for a slot; more get 503. None: max_in_flight.",
+    )
+    typical_request_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Prompt + output tokens of a typical request. Set, each replica takes on as many "
+            "requests as its engine's KV cache holds of this length (at most max_num_seqs), "
+            "times 1.25, read from the engine once it has started (`apps.capacity`): the "
+            "admission bound follows the real KV capacity (an fp8 KV cache, a quantized model, "
+            "more memory) unless max_in_flight or replicas.max_ongoing_requests is set. None: "
+            "max_num_seqs alone."
+        ),
     )
     queue_timeout_s: float = Field(
         default=30.0, gt=0, description="Longest wait for a slot; then 503 `queue_timeout`."
@@ -411,6 +424,14 @@ class AdmissionSettings(StrictModel):
         description=(
             "Queue fill from which `normal` arrivals get 503. `high` waits while there is room, "
             "and takes the place of the newest lower-priority waiter when the queue is full."
+        ),
+    )
+    fair_share: bool = Field(
+        default=True,
+        description=(
+            "Within a priority class, a freed slot goes to the key served least (tokens / its "
+            "`fair_share_weight`), at the ingress and in the engine's own queue; false: first "
+            "come first served."
         ),
     )
     first_token_timeout_s: float | None = Field(
@@ -683,6 +704,16 @@ class ApiKey(StrictModel):
     max_concurrent_requests: int | None = Field(default=None, ge=1, description="None: unlimited.")
     priority: Priority = Field(
         default="normal", description="Queue class: high is served first and shed last."
+    )
+    fair_share_weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1000,
+        description=(
+            "This key's share of a busy model against the other keys of its priority class: a "
+            "freed slot goes to the waiting key with the fewest tokens served divided by this "
+            "weight (a key of weight 2 gets twice the tokens of a key of weight 1)."
+        ),
     )
 
     @property

@@ -50,6 +50,9 @@ def engine_args(model: ModelConfig, placement: Placement) -> AsyncEngineArgs:
         enforce_eager=engine.enforce_eager,
         quantization=engine.quantization,
         speculative_config=speculative,
+        # The ingress orders the engine's own queue (`apps.admission`: class, then the key's
+        # backlog at the engines); under KV pressure vLLM preempts the worst-ranked request.
+        scheduling_policy="priority",
         # Keep the engine's stats on: vLLM's Prometheus metrics (queue length, KV use, prefix
         # hits) are built from them. Exporting them from the replica is the metrics issue's job.
         disable_log_stats=False,

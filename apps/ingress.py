@@ -32,6 +32,7 @@ its `x-ratelimit-*` headers. Every request leaves its metrics and an access-log 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -47,9 +48,10 @@ from ray.serve.schema import ReplicaState, ServeStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from apps import tracing
-from apps.admission import ModelRoute, until
+from apps.admission import ModelRoute, Slot, replica_concurrency, until
 from apps.applications import deployment_name
 from apps.auth import Caller
+from apps.capacity import EngineCapacity, read_capacity
 from apps.config import AppConfig, LoraAdapter, ModelConfig
 from apps.endpoints import ENDPOINTS_BY_PATH, EndpointSpec, endpoint_of, error_style
 from apps.errors import (
@@ -94,6 +96,8 @@ BACKSTOP_SETTLE_DELAY_S = 5.0
 # A reservation call that takes longer means the limiter is down or restarting: 503, not a hang.
 LIMITER_TIMEOUT_S = 5.0
 LATE_UNDO_DELAY_S = 1.0
+# How often the ingress reads the KV capacity the model replicas published (`apps.capacity`).
+CAPACITY_POLL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,20 @@ app.add_middleware(RequestTelemetry)
 # The helpers the Ingress class calls are defined above it: `serve.ingress` copies the class, its
 # methods seeing the module's globals as they are at that moment (a function defined below the
 # class would be a NameError in the replica).
+def _log_capacity(model: ModelConfig, capacity: EngineCapacity) -> None:
+    typical = model.admission.typical_request_tokens or 0
+    logger.info(
+        "Model %s: its engine's KV cache holds %d tokens, %d requests of %d tokens (max_num_seqs %d): "
+        "%d per replica at once.",
+        model.id,
+        capacity.kv_cache_tokens,
+        capacity.sequences(typical),
+        typical,
+        capacity.max_num_seqs,
+        replica_concurrency(model, capacity),
+    )
+
+
 def _check_task(endpoint: EndpointSpec, model: ModelConfig) -> None:
     """400 when the model's task does not serve the endpoint (chat from an embedding model)."""
     if model.task not in endpoint.tasks:
@@ -178,21 +196,46 @@ class Ingress:
         self._limiter = limiter
         self._settler = Settler(limiter)
         self._metrics = ingress_metrics()
+        self._capacities: dict[str, EngineCapacity] = {}  # what each model's engines hold
         self._live = live_settings(config, None, self._count_volatile_prefix)
         # Serve runs the constructor on the replica's event loop, which serves the requests too.
         loop = asyncio.get_running_loop()
-        self._gauges = loop.create_task(export_gauges(self._queue_depths, self._replica_bounds))
+        self._gauges = loop.create_task(export_gauges(lambda: self._live.routes))
         self._settings_watch = loop.create_task(SettingsWatch(config, self._swap).run())
-
-    def _queue_depths(self) -> dict[str, int]:
-        return {model_id: route.gate.depth for model_id, route in self._live.routes.items()}
-
-    def _replica_bounds(self) -> dict[str, int]:
-        return {model_id: route.config.replicas.max_replicas for model_id, route in self._live.routes.items()}
+        self._capacity_watch = loop.create_task(self._watch_capacities())
 
     def _swap(self, config: AppConfig) -> None:
         """New live settings (`apps.live`): requests already admitted keep the ones they began with."""
-        self._live = live_settings(config, self._live, self._count_volatile_prefix)
+        self._live = live_settings(
+            config, self._live, self._count_volatile_prefix, capacities=self._capacities
+        )
+
+    async def _watch_capacities(self) -> None:
+        """Forever: read the KV capacity the engines of each model sized by it published
+        (`apps.capacity`), and size its gate anew when it changed."""
+        while True:
+            try:
+                models = [m for m in self._live.config.models if m.admission.typical_request_tokens]
+                published = {m.id: await asyncio.to_thread(read_capacity, m.id) for m in models}
+                updates = {
+                    model_id: capacity
+                    for model_id, capacity in published.items()
+                    if capacity is not None and capacity != self._capacities.get(model_id)
+                }
+                if updates:
+                    kept = self._capacities
+                    self._capacities = kept | updates
+                    try:
+                        self._swap(self._live.config)
+                    except Exception:
+                        self._capacities = kept  # so the next pass tries again
+                        raise
+                    for model in models:
+                        if model.id in updates:
+                            _log_capacity(model, updates[model.id])
+            except Exception:  # Ray's store unreachable for a moment: keep the last sizes
+                logger.exception("Reading the engines' KV capacity failed")
+            await asyncio.sleep(CAPACITY_POLL_S)
 
     def _count_volatile_prefix(self, model_id: str, kind: str) -> None:
         self._metrics.volatile_prefixes.inc(tags={"model": model_id, "kind": kind})
@@ -325,24 +368,36 @@ class Ingress:
         head_due, total_due = route.deadlines(record.arrived, record.stream)
         loop = asyncio.get_running_loop()
         queued = loop.time()
-        attributes = {"gateway.priority": call.caller.priority, "gateway.queue_depth": route.gate.depth}
+        caller = call.caller
+        attributes = {"gateway.priority": caller.priority, "gateway.queue_depth": route.gate.depth}
+        share = {
+            "key": caller.name,
+            "weight": caller.key.fair_share_weight if caller.key is not None else 1.0,
+            "cost": call.shaped.reserved_tokens,
+        }
         try:
             with tracing.child(record.span, "queue", attributes):
-                await route.gate.acquire(call.caller.priority, head_due)
+                slot = await route.gate.acquire(caller.priority, head_due, **share)
         except BaseException:
             record.queue_wait_s = loop.time() - queued
             self._settle(call.reservation, used_tokens=0)  # never reached an engine
             raise
         record.admit(loop.time() - queued)
+        if slot.overtook:
+            self._metrics.fair_share_overtakes.inc(tags={"model": route.config.id, "key": caller.name})
+        # The engine orders its own short queue by this (`apps.admission`); a client's own
+        # `priority` field was refused when the request was shaped.
+        body = call.shaped.body | {"priority": slot.engine_priority}
+        call = dataclasses.replace(call, shaped=dataclasses.replace(call.shaped, body=body))
         try:
             stream, head, replica = await self._call_model(call)
-        except BaseException:
-            route.gate.release()
+        except BaseException as exc:
+            route.gate.release(slot, 0 if never_reached_model(exc) else None)
             raise
         record.usage, record.reason = head.usage, head.code
         record.relay = tracing.child(record.span, "relay", {"gateway.replica": replica})
         if head.media_type != SSE_MEDIA_TYPE:
-            route.gate.release()
+            route.gate.release(slot, record.usage.settled_tokens() if record.usage else None)
             return Response(
                 head.body, status_code=head.status, media_type=head.media_type, headers=headers
             )
@@ -355,7 +410,7 @@ class Ingress:
             call.shaped.model_id,
             headers=headers,
             deadline=total_due,
-            on_close=lambda end: self._stream_closed(route, call.reservation, record, end),
+            on_close=lambda end: self._stream_closed(route, slot, call.reservation, record, end),
             token_ids=head.token_ids,
             resume=resume,
             errors=call.endpoint.errors,
@@ -537,10 +592,15 @@ class Ingress:
         )
 
     def _stream_closed(
-        self, route: ModelRoute, reservation: str | None, record: RequestRecord, end: StreamEnd
+        self,
+        route: ModelRoute,
+        slot: Slot,
+        reservation: str | None,
+        record: RequestRecord,
+        end: StreamEnd,
     ) -> None:
-        route.gate.release()
         record.usage = end.usage or record.usage
+        route.gate.release(slot, record.usage.settled_tokens() if record.usage else None)
         if not end.completed:
             record.end_status, record.reason = end.status, end.code
         if not end.completed and reservation is not None:

@@ -39,6 +39,7 @@ from apps.applications import (
     serving_args,
 )
 from apps.auth import KeyTable
+from apps.capacity import EngineCapacity
 from apps.config import AppConfig, ConfigError, LoraAdapter, load_config
 from apps.prefixes import VolatilePrefixWatch
 
@@ -80,15 +81,17 @@ def live_settings(
     previous: LiveSettings | None,
     on_volatile_prefix: Callable[[str, str], None],
     stream_for: Callable[[str], Any] = model_stream,
+    capacities: Mapping[str, EngineCapacity] | None = None,
 ) -> LiveSettings:
     """The snapshot for `config`, carrying over the state of every model `previous` served.
-    `stream_for`: a new model's streaming handle."""
+    `stream_for`: a new model's streaming handle. `capacities`: the KV capacity each model's
+    engines published (`apps.capacity`), which may size its gate."""
     old_routes = previous.routes if previous else {}
     old_watches = previous.prefix_watches if previous else {}
     routes, watches = {}, {}
     new_bounds: list[tuple[ModelGate, ModelGate]] = []
     for model in config.models:
-        gate = gate_for(model, config.ingress.num_replicas)
+        gate = gate_for(model, config.ingress.num_replicas, (capacities or {}).get(model.id))
         old = old_routes.get(model.id)
         if old is None:
             routes[model.id] = ModelRoute(model, gate, stream_for(model.id))

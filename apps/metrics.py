@@ -86,9 +86,22 @@ class IngressMetrics:
             "Requests admitted to a model's engines and not yet answered, per ingress replica.",
             tag_keys=MODEL_KEY,
         )
+        self.fair_share_overtakes = metrics.Counter(
+            "gateway_fair_share_overtakes",
+            "Requests given a freed slot ahead of an earlier waiter of another key of their "
+            "priority class, because their key had been served less (`apps.admission`).",
+            tag_keys=MODEL_KEY,
+        )
         self.queue_depth = metrics.Gauge(
             "gateway_queue_depth",
             "Requests waiting in the ingress queue of a model, per ingress replica.",
+            tag_keys=("model",),
+        )
+        self.max_in_flight = metrics.Gauge(
+            "gateway_admission_max_in_flight",
+            "Requests of a model this ingress replica lets reach the engines at once: its share "
+            "of the admission bound, live (sized by the engines' KV capacity where "
+            "`admission.typical_request_tokens` says so).",
             tag_keys=("model",),
         )
         self.replicas_max = metrics.Gauge(

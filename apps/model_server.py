@@ -33,6 +33,7 @@ from starlette.responses import StreamingResponse
 
 from apps import tracing
 from apps.applications import GATEWAY_APP, LIMITER_DEPLOYMENT
+from apps.capacity import EngineCapacity, publish_capacity
 from apps.config import LoraAdapter, ModelConfig
 from apps.endpoints import ENDPOINTS, Endpoint, EndpointSpec
 from apps.engine_args import engine_args
@@ -74,6 +75,9 @@ logger = logging.getLogger("ray.serve")
 IGNORED_OPENAI_FIELDS = frozenset(
     {"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"}
 )
+# Fields the ingress sets (a client's own are refused there): the engine scheduling priority
+# (`apps.admission`), dropped where vLLM's protocol has none (Messages, tokenize).
+GATEWAY_FIELDS = frozenset({"priority"})
 # The last event of every vLLM stream.
 DONE_EVENT = b"data: [DONE]\n\n"
 # The answer waits at most this long for its settle to reach the limiter.
@@ -143,6 +147,7 @@ class ModelServer:
         self._serving_models = state.openai_serving_models
         self._adapter_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         restore_serve_logging()
+        await self._publish_capacity(model)
         await warm_up(model, self._call_vllm, await self._preload_adapters(model))
         self._first_request_logged = False
         self._open_streams = 0
@@ -442,6 +447,27 @@ class ModelServer:
         logger.error("Request to model %s failed: %r", self._model.id, exc)
         return InternalError("The engine failed to process the request.")
 
+    async def _publish_capacity(self, model: ModelConfig) -> None:
+        """Log the KV capacity the engine sized itself to, and publish it for the ingress's
+        admission bound (`apps.capacity`); a failure to publish is logged, and the replica serves
+        (the ingress keeps its last bound)."""
+        cache = self._engine.vllm_config.cache_config
+        if not cache.num_gpu_blocks:
+            return
+        capacity = EngineCapacity(cache.num_gpu_blocks * cache.block_size, model.engine.max_num_seqs)
+        logger.info(
+            "Model %s: KV cache of %d tokens (%d blocks of %d), max_num_seqs %d.",
+            model.id,
+            capacity.kv_cache_tokens,
+            cache.num_gpu_blocks,
+            cache.block_size,
+            capacity.max_num_seqs,
+        )
+        try:
+            await asyncio.to_thread(publish_capacity, model.id, capacity)
+        except Exception:
+            logger.exception("Model %s: publishing its KV capacity failed", model.id)
+
     async def load(self) -> int:
         """Requests this replica's engine holds (running or waiting)."""
         return self._engine.get_num_unfinished_requests()
@@ -550,10 +576,10 @@ class _Settlement:
 
 
 def _known_fields(body: dict[str, Any], request_type: type[BaseModel]) -> dict[str, Any]:
-    """`body` without the ignorable OpenAI fields (unless vLLM's model has them: the Responses
-    API's `store`); 400 for any other field vLLM does not know."""
+    """`body` without the ignorable OpenAI fields and the gateway's own (unless vLLM's model has
+    them: the Responses API's `store`); 400 for any other field vLLM does not know."""
     known = _field_names(request_type)
-    unknown = sorted(body.keys() - known - IGNORED_OPENAI_FIELDS)
+    unknown = sorted(body.keys() - known - IGNORED_OPENAI_FIELDS - GATEWAY_FIELDS)
     if unknown:
         raise InvalidRequest(
             f"Unrecognized request argument supplied: {unknown[0]}",

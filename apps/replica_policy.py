@@ -42,6 +42,12 @@ SIZING_FIELDS = (
 )
 
 
+# Where `apps.capacity` keeps each model's engine KV capacity (this module may import nothing of
+# the gateway's; tests/test_replica_policy.py checks the two agree).
+CAPACITY_KEY_PREFIX = "engine-capacity/"
+CAPACITY_NAMESPACE = "llm-gateway"
+
+
 def publish_sizing(sizing: dict[str, dict[str, float]]) -> None:
     """Make `sizing` ({model id: its SIZING_FIELDS}) the models' live sizing."""
     from ray.experimental.internal_kv import _internal_kv_put
@@ -55,6 +61,29 @@ def read_sizing() -> dict[str, Any] | None:
 
     raw = _internal_kv_get(SIZING_KEY, namespace=SIZING_NAMESPACE)
     return json.loads(raw) if raw else None
+
+
+def read_kv_sequences(model_id: str, typical_tokens: int) -> tuple[int, int] | None:
+    """(requests of `typical_tokens` the model's engine KV cache holds, its max_num_seqs), as
+    its replicas published them (`apps.capacity`); None before any did."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(f"{CAPACITY_KEY_PREFIX}{model_id}".encode(), namespace=CAPACITY_NAMESPACE)
+    if not raw:
+        return None
+    value = json.loads(raw)
+    batch = int(value["max_num_seqs"])
+    return max(1, min(batch, int(value["kv_cache_tokens"]) // typical_tokens)), batch
+
+
+def kv_sized(sizing: dict[str, float], kv: tuple[int, int] | None) -> dict[str, float]:
+    """`sizing` with its target scaled by the share of the batch the KV cache holds (`kv`: what
+    `read_kv_sequences` gives), when the sizing asks for it (`typical_request_tokens`)."""
+    if kv is None or not sizing.get("typical_request_tokens"):
+        return sizing
+    sequences, batch = kv
+    target = max(1.0, sizing["target_ongoing_requests"] * sequences / batch)
+    return sizing | {"target_ongoing_requests": target}
 
 
 def decide(
@@ -109,19 +138,33 @@ class LiveSizingPolicy:
         self._built_at = built_at
         self._live: dict[str, float] | None = None
         self._read_at = -math.inf  # time.monotonic()
+        self._kv: tuple[int, int] | None = None  # what the engine's KV cache holds (`read_kv_sequences`)
 
     def sizing(self) -> dict[str, float]:
-        """The published sizing if it is newer than this deployment's build, else the build's."""
+        """The published sizing if it is newer than this deployment's build, else the build's;
+        its target sized by the engines' KV capacity where it asks for that."""
         if time.monotonic() - self._read_at >= SIZING_READ_INTERVAL_S:
             self._read_at = time.monotonic()
-            try:
-                published = read_sizing()
-            except Exception:  # the GCS busy, say: keep what was read last
-                return self._live or self._built
+            self._read()
+        return kv_sized(self._live or self._built, self._kv)
+
+    def _read(self) -> None:
+        """Read the published sizing, then the engines' KV capacity if it asks for it; what
+        cannot be read (the GCS busy, say) stays as read last."""
+        try:
+            published = read_sizing()
+        except Exception:
+            pass
+        else:
             if isinstance(published, dict) and isinstance(published.get("models"), dict):
                 fresh = published.get("published_at", -math.inf) >= self._built_at
                 self._live = valid_sizing(published["models"].get(self._model_id)) if fresh else None
-        return self._live or self._built
+        typical = (self._live or self._built).get("typical_request_tokens")
+        if typical:
+            try:
+                self._kv = read_kv_sequences(self._model_id, int(typical))
+            except Exception:
+                logger.warning("Model %s: reading its engines' KV capacity failed", self._model_id)
 
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         try:

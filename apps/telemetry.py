@@ -18,7 +18,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -29,6 +29,9 @@ from apps.endpoints import endpoint_of
 from apps.errors import CLIENT_CLOSED_REQUEST
 from apps.metrics import NO_MODEL, UNAUTHENTICATED, ingress_metrics
 from apps.usage import Usage
+
+if TYPE_CHECKING:
+    from apps.admission import ModelRoute
 
 logger = logging.getLogger("ray.serve")
 RECORD_SCOPE_KEY = "gateway.request_record"
@@ -165,18 +168,16 @@ class RequestTelemetry:
                 metrics.inter_token_latency.observe(itl, tags=tags)
 
 
-async def export_gauges(
-    queue_depths: Callable[[], Mapping[str, int]], replica_bounds: Callable[[], Mapping[str, int]]
-) -> None:
-    """Forever: set the queue-depth gauge of every model (`queue_depths()`), its most replicas
-    (`replica_bounds()`) and the in-flight gauge of every (model, key) seen, every
-    `GAUGE_REFRESH_S`."""
+async def export_gauges(routes: Callable[[], Mapping[str, ModelRoute]]) -> None:
+    """Forever, every `GAUGE_REFRESH_S`: set each model's (`routes()`) queue depth, admission
+    bound and most replicas, and the in-flight gauge of every (model, key) seen."""
     metrics = ingress_metrics()
     while True:
         try:
-            for model, depth in queue_depths().items():
-                metrics.queue_depth.set(depth, tags={"model": model})
-            for model, most in replica_bounds().items():
+            for model, route in routes().items():
+                metrics.queue_depth.set(route.gate.depth, tags={"model": model})
+                metrics.max_in_flight.set(route.gate.max_in_flight, tags={"model": model})
+                most = route.config.replicas.max_replicas
                 metrics.replicas_max.set(most, tags={"model": model, "deployment": deployment_name(model)})
             for (model, key), count in list(IN_FLIGHT.items()):
                 metrics.in_flight.set(count, tags={"model": model, "key": key})

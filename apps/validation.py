@@ -115,6 +115,14 @@ def shape_request(
         raise InvalidRequest(
             "Beam search is not supported here.", param="use_beam_search", code="unsupported_parameter"
         )
+    if "priority" in body:
+        # vLLM's scheduling priority is the gateway's to set (`apps.admission`), from the key.
+        raise InvalidRequest(
+            "`priority` is set by the gateway from the API key's priority class and its share "
+            "of the model; a key of a higher class gets higher priority.",
+            param="priority",
+            code="unsupported_parameter",
+        )
     if spec.stop_field is not None:
         _check_stop(body.get(spec.stop_field), limits.max_stop_sequences, spec.stop_field)
     if spec.output_field is None:  # generates nothing: no output cap

@@ -81,8 +81,7 @@ def measure(repetitions: int = REPETITIONS) -> dict[str, float]:
 
     async def gate_round_trips(count: int) -> None:
         for _ in range(count):
-            await gate.acquire("normal")
-            gate.release()
+            gate.release(await gate.acquire("normal"))
 
     def async_us(rounds: Callable[[int], object]) -> float:
         best = float("inf")

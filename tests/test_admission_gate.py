@@ -5,21 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from typing import Any
 
 import pytest
 
 from apps.admission import (
+    ENGINE_PRIORITY_CLASS_STEP,
     MIN_RETRY_AFTER_S,
     ModelGate,
     ModelRoute,
+    Slot,
     gate_for,
     model_max_in_flight,
+    replica_concurrency,
     shed_depths,
     until,
 )
+from apps.capacity import EngineCapacity
 from apps.config import ModelConfig, load_config
 from apps.errors import DeadlineExceeded, Overloaded, error_body
+
+# A slot of the default key: these tests acquire without naming one.
+ANONYMOUS_SLOT = Slot()
 
 
 def make_gate(
@@ -80,6 +88,201 @@ def model(**fields: Any) -> ModelConfig:
     return load_config({"models": [{"id": "m", "path": "x", **fields}]}, check_model_files=False).models[0]
 
 
+# --- fair share between keys within a class ----------------------------------------------------
+
+
+class KeyedWaiters:
+    """Requests of named keys acquiring the gate; records which key got each slot, in order, and
+    each one's slot."""
+
+    def __init__(self, gate: ModelGate) -> None:
+        self.gate = gate
+        self.granted: list[str] = []
+        self.slots: list[Slot] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def add(
+        self, key: str, count: int = 1, priority: str = "normal", weight: float = 1.0, cost: int = 10
+    ) -> None:
+        async def wait() -> None:
+            slot = await self.gate.acquire(priority, key=key, weight=weight, cost=cost)
+            self.granted.append(key)
+            self.slots.append(slot)
+
+        for _ in range(count):
+            self.tasks.append(asyncio.create_task(wait()))
+        await let_run()
+
+    async def release_each(self, times: int, used_tokens: int | None = None) -> None:
+        """Release the oldest held slots one at a time, letting each freed slot be handed on."""
+        for _ in range(times):
+            self.gate.release(self.slots.pop(0), used_tokens)
+            await let_run()
+
+    async def finish(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def test_a_freed_slot_goes_to_the_key_served_least_not_to_the_longest_waiter():
+    async def main():
+        gate = make_gate(max_in_flight=2, max_queued=100)
+        keys = KeyedWaiters(gate)
+        await keys.add("greedy", 10)  # two run, eight wait
+        await keys.add("light")
+        assert keys.granted == ["greedy", "greedy"] and gate.depth == 9
+        await keys.release_each(1)
+        assert keys.granted[-1] == "light", "the light key waited behind the greedy key's backlog"
+        assert keys.slots[-1].overtook and not keys.slots[0].overtook
+        await keys.release_each(3)
+        assert keys.granted[-3:] == ["greedy"] * 3, "work-conserving: the greedy key gets the rest"
+        await keys.finish()
+
+    asyncio.run(main())
+
+
+def test_without_fair_share_the_longest_waiter_goes_first_and_the_engine_priority_is_the_class():
+    async def main():
+        gate = make_gate(max_in_flight=2, max_queued=100)
+        gate.fair_share = False
+        keys = KeyedWaiters(gate)
+        await keys.add("greedy", 4)
+        await keys.add("light")
+        await keys.release_each(3)
+        assert keys.granted == ["greedy"] * 4 + ["light"]
+        assert {slot.engine_priority for slot in keys.slots} == {0}
+        await keys.finish()
+
+    asyncio.run(main())
+
+
+def test_a_key_alone_gets_every_slot_in_its_own_order():
+    async def main():
+        gate = make_gate(max_in_flight=3, max_queued=100)
+        keys = KeyedWaiters(gate)
+        await keys.add("only", 6)
+        assert keys.granted == ["only"] * 3 and gate.in_flight == 3
+        await keys.release_each(3)
+        assert keys.granted == ["only"] * 6 and not any(slot.overtook for slot in keys.slots)
+        await keys.finish()
+
+    asyncio.run(main())
+
+
+def test_weights_share_the_slots_in_their_ratio():
+    async def main():
+        gate = make_gate(max_in_flight=1, max_queued=200)
+        keys = KeyedWaiters(gate)
+        await keys.add("holder")
+        await keys.add("double", 60, weight=2.0)
+        await keys.add("single", 60, weight=1.0)
+        await keys.release_each(60)
+        counts = Counter(keys.granted[1:])
+        assert counts == {"double": 40, "single": 20}, counts
+        await keys.finish()
+
+    asyncio.run(main())
+
+
+def test_a_key_idle_while_another_was_served_earns_no_credit_to_starve_it_later():
+    async def main():
+        gate = make_gate(max_in_flight=1, max_queued=200)
+        keys = KeyedWaiters(gate)
+        await keys.add("busy", 50)  # served alone: its counter grows to 500 tokens
+        await keys.release_each(45)
+        await keys.add("idle", 10)  # lifted to the busy key's counter as it starts waiting
+        await keys.release_each(10)
+        shares = Counter(keys.granted[-10:])
+        assert shares["busy"] >= 4 and shares["idle"] >= 4, shares
+        await keys.finish()
+
+    asyncio.run(main())
+
+
+def test_a_key_arriving_to_an_empty_class_catches_up_with_that_class_not_another():
+    async def main():
+        gate = make_gate(max_in_flight=1, max_queued=100)
+        keys = KeyedWaiters(gate)
+        await keys.add("h1", priority="high", cost=100)
+        await keys.add("n", priority="normal")
+        await keys.add("h1", 3, priority="high", cost=100)
+        await keys.release_each(4)  # h1 three more times (counter 400), then n (the last grant: 0)
+        assert keys.granted == ["h1"] * 4 + ["n"]
+        await keys.add("h2", priority="high")  # idle until now: no credit against h1
+        assert gate.counters()["h2"] == 300, "lifted to the high class's last grant, not n's 0"
+        await keys.finish()
+
+    asyncio.run(main())
+
+
+def test_a_request_that_used_less_than_it_reserved_is_charged_what_it_used():
+    async def main():
+        gate = make_gate(max_in_flight=2, max_queued=100)
+        keys = KeyedWaiters(gate)
+        await keys.add("thrifty", cost=1000)
+        await keys.add("other", cost=100)
+        await keys.add("other", cost=100)
+        await keys.add("thrifty", cost=100)  # waits behind other's second request
+        assert gate.counters() == {"thrifty": 1000, "other": 100}
+        gate.release(keys.slots.pop(0), used_tokens=10)  # thrifty's: charged 1000, used 10
+        await let_run()
+        assert keys.granted[-1] == "thrifty", "with its true cost (10 < 100) it is the least served"
+        assert gate.counters() == {"thrifty": 10 + 100, "other": 100}
+        await keys.finish()
+
+    asyncio.run(main())
+
+
+def test_engine_priority_ranks_the_class_then_the_keys_backlog_at_the_engines():
+    async def main():
+        gate = make_gate(max_in_flight=10)
+        first = await gate.acquire("normal", key="a")
+        second = await gate.acquire("normal", key="a")
+        other = await gate.acquire("normal", key="b")
+        assert (first.engine_priority, second.engine_priority, other.engine_priority) == (0, 1, 0)
+        heavy = await gate.acquire("normal", key="heavy", weight=2.0)
+        heavy_second = await gate.acquire("normal", key="heavy", weight=2.0)
+        heavy_third = await gate.acquire("normal", key="heavy", weight=2.0)
+        assert [s.engine_priority for s in (heavy, heavy_second, heavy_third)] == [0, 0, 1]
+        high = await gate.acquire("high", key="c")
+        low = await gate.acquire("low", key="d")
+        assert high.engine_priority < 0 < ENGINE_PRIORITY_CLASS_STEP <= low.engine_priority
+        gate.release(first)
+        assert (await gate.acquire("normal", key="a")).engine_priority == 1  # one still in
+
+    asyncio.run(main())
+
+
+async def evicted_by_a_high_arrival(gate: ModelGate) -> list[int]:
+    """Fill a one-slot gate's queue of 3 with low waiters of a heavy key (500 tokens served) and
+    a light one, the light key's waiter the newest of all; then a high arrival evicts one. The
+    indices of the evicted (0: heavy's granted request, 1: light, 2: heavy, 3: light, 4: high)."""
+    keys = KeyedWaiters(gate)
+    await keys.add("heavy", priority="low", cost=500)
+    await keys.add("light", priority="low")
+    await keys.add("heavy", priority="low")
+    await keys.add("light", priority="low")
+    assert gate.depth == 3 and gate.counters() == {"heavy": 500, "light": 0}
+    await keys.add("urgent", priority="high")
+    evicted = [i for i, task in enumerate(keys.tasks) if task.done() and task.exception() is not None]
+    assert all(isinstance(keys.tasks[i].exception(), Overloaded) for i in evicted)
+    await keys.finish()
+    return evicted
+
+
+def test_eviction_takes_the_newest_waiter_of_the_most_served_key_of_the_lowest_class():
+    gate = make_gate(max_in_flight=1, max_queued=3)
+    assert asyncio.run(evicted_by_a_high_arrival(gate)) == [2], "the heavy key's, not the newest"
+
+
+def test_without_fair_share_eviction_takes_the_newest_waiter_of_all():
+    gate = make_gate(max_in_flight=1, max_queued=3)
+    gate.fair_share = False
+    assert asyncio.run(evicted_by_a_high_arrival(gate)) == [3]
+
+
+
 # Slots and order
 
 
@@ -97,12 +300,12 @@ def test_up_to_max_in_flight_acquire_at_once_then_waiters_get_slots_in_order():
             await waiters.add(name, "normal")
         assert waiters.served == [] and gate.depth == 3
         for expected in (["a"], ["a", "b"], ["a", "b", "c"]):
-            gate.release()
+            gate.release(ANONYMOUS_SLOT)
             await let_run()
             assert waiters.served == expected
         assert gate.depth == 0 and gate.in_flight == 2
-        gate.release()
-        gate.release()
+        gate.release(ANONYMOUS_SLOT)
+        gate.release(ANONYMOUS_SLOT)
         assert gate.in_flight == 0
 
     asyncio.run(main())
@@ -112,7 +315,7 @@ def test_freed_slot_returns_to_the_pool_when_nobody_waits():
     async def main():
         gate = make_gate(max_in_flight=1)
         await gate.acquire("low")
-        gate.release()
+        gate.release(ANONYMOUS_SLOT)
         assert gate.in_flight == 0
         await asyncio.wait_for(gate.acquire("low"), timeout=1.0)
         assert gate.in_flight == 1
@@ -132,7 +335,7 @@ def test_high_priority_is_served_before_normal_and_low_first_come_within_a_class
             await waiters.add(name, priority)
         assert gate.depth == 6
         for _ in range(6):
-            gate.release()
+            gate.release(ANONYMOUS_SLOT)
             await let_run()
         assert waiters.served == ["high1", "high2", "normal1", "normal2", "low1", "low2"]
         assert gate.depth == 0 and gate.in_flight == 1
@@ -146,12 +349,12 @@ def test_arrival_does_not_jump_the_queue_when_a_slot_is_handed_on():
         await gate.acquire("normal")
         waiters = Waiters(gate)
         await waiters.add("first", "low")
-        gate.release()  # the slot goes to the waiter, not back to the pool
+        gate.release(ANONYMOUS_SLOT)  # the slot goes to the waiter, not back to the pool
         late = asyncio.create_task(gate.acquire("high"))
         await let_run()
         assert waiters.served == ["first"] and not late.done()
         assert gate.in_flight == 1 and gate.depth == 1
-        gate.release()
+        gate.release(ANONYMOUS_SLOT)
         await let_run()
         assert late.done()
 
@@ -199,7 +402,7 @@ def test_low_priority_is_shed_at_its_depth_while_high_still_queues():
         assert gate.depth == 2 and not low.done()
         high = await waiters.add("h", "high")
         assert not high.done() and gate.depth == 3
-        gate.release()
+        gate.release(ANONYMOUS_SLOT)
         await let_run()
         assert waiters.served == ["h"]
         await waiters.finish()
@@ -225,7 +428,7 @@ def test_high_arrival_into_full_queue_evicts_the_newest_lowest_priority_waiter()
         assert "low priority request made room" in error.message
         assert gate.depth == 3
         for _ in range(3):
-            gate.release()
+            gate.release(ANONYMOUS_SLOT)
             await let_run()
         assert waiters.served == ["high1", "normal1", "low1"]
         assert gate.depth == 0 and gate.in_flight == 1
@@ -243,8 +446,8 @@ def test_without_low_waiters_the_newest_normal_waiter_is_evicted():
         await waiters.add("h", "high")
         assert second.done() and second.exception().code == "priority_shed"
         assert not first.done() and gate.depth == 2
-        gate.release()
-        gate.release()
+        gate.release(ANONYMOUS_SLOT)
+        gate.release(ANONYMOUS_SLOT)
         await let_run()
         assert waiters.served == ["h", "n1"]
 
@@ -298,7 +501,7 @@ def test_queue_timeout_rejects_and_the_depth_returns_to_zero():
         assert raised.value.code == "queue_timeout" and raised.value.status == 503
         assert raised.value.headers["x-reject-reason"] == "queue_timeout"
         assert gate.depth == 0 and gate.in_flight == 1
-        gate.release()  # the timed-out waiter must not receive the slot
+        gate.release(ANONYMOUS_SLOT)  # the timed-out waiter must not receive the slot
         assert gate.in_flight == 0
 
     asyncio.run(main())
@@ -314,7 +517,7 @@ def test_deadline_earlier_than_the_queue_timeout_is_honoured_with_a_504():
         assert 0.04 <= time.monotonic() - started < 1.0
         assert raised.value.status == 504 and raised.value.code == "timeout"
         assert gate.depth == 0 and gate.in_flight == 1
-        gate.release()
+        gate.release(ANONYMOUS_SLOT)
         assert gate.in_flight == 0
 
     asyncio.run(main())
@@ -363,11 +566,11 @@ def test_waiter_cancelled_while_queued_leaks_no_slot():
         await let_run()
         assert gone.cancelled()
         assert gate.depth == 1 and gate.in_flight == 1
-        gate.release()
+        gate.release(ANONYMOUS_SLOT)
         await let_run()
         assert waiters.served == ["next"]
         assert gate.depth == 0 and gate.in_flight == 1
-        gate.release()
+        gate.release(ANONYMOUS_SLOT)
         assert gate.in_flight == 0
 
     asyncio.run(main())
@@ -380,13 +583,13 @@ def test_slot_arriving_as_the_waiter_is_cancelled_is_handed_to_the_next_waiter()
         waiters = Waiters(gate)
         leaving = await waiters.add("leaving", "normal")
         await waiters.add("next", "normal")
-        gate.release()  # the slot is given to `leaving` ...
+        gate.release(ANONYMOUS_SLOT)  # the slot is given to `leaving` ...
         leaving.cancel()  # ... which is cancelled before it runs
         await let_run()
         assert leaving.cancelled()
         assert waiters.served == ["next"]
         assert gate.depth == 0 and gate.in_flight == 1
-        gate.release()
+        gate.release(ANONYMOUS_SLOT)
         assert gate.in_flight == 0
 
     asyncio.run(main())
@@ -398,7 +601,7 @@ def test_slot_arriving_as_the_last_waiter_is_cancelled_returns_to_the_pool():
         await gate.acquire("normal")
         waiters = Waiters(gate)
         leaving = await waiters.add("leaving", "normal")
-        gate.release()
+        gate.release(ANONYMOUS_SLOT)
         leaving.cancel()
         await let_run()
         assert gate.in_flight == 0 and gate.depth == 0
@@ -421,7 +624,7 @@ async def drain_steadily(gate: ModelGate, clock: Clock, interval_s: float, times
     for _ in range(times):
         await gate.acquire("normal")
         clock.now += interval_s
-        gate.release()
+        gate.release(ANONYMOUS_SLOT)
 
 
 def test_retry_after_is_one_second_before_any_drain_is_observed():
@@ -488,6 +691,36 @@ def test_model_max_in_flight_default_is_what_the_replicas_take_on():
     assert model_max_in_flight(model(engine={"max_num_seqs": 8}, replicas={"num_replicas": 3})) == 30
     autoscaled = model(replicas={"max_ongoing_requests": 7, "autoscaling": {"max_replicas": 4}})
     assert model_max_in_flight(autoscaled) == 28
+
+
+def test_an_engine_holding_fewer_typical_requests_than_its_batch_lowers_the_bound():
+    sized = model(admission={"typical_request_tokens": 1000}, replicas={"num_replicas": 2})
+    small = EngineCapacity(kv_cache_tokens=20_000, max_num_seqs=64)  # 20 requests of 1000 tokens
+    assert small.sequences(1000) == 20
+    assert replica_concurrency(sized, small) == 25  # x 1.25 headroom
+    assert model_max_in_flight(sized, small) == 50
+    assert gate_for(sized, ingress_replicas=2, capacity=small).max_in_flight == 25
+    doubled = EngineCapacity(kv_cache_tokens=40_000, max_num_seqs=64)
+    assert replica_concurrency(sized, doubled) == 2 * replica_concurrency(sized, small)
+
+
+def test_the_kv_capacity_never_raises_the_bound_past_the_batch_nor_below_one_request():
+    sized = model(admission={"typical_request_tokens": 1000})
+    roomy = EngineCapacity(kv_cache_tokens=10_000_000, max_num_seqs=64)
+    assert roomy.sequences(1000) == 64 and replica_concurrency(sized, roomy) == 80
+    tiny = EngineCapacity(kv_cache_tokens=500, max_num_seqs=64)
+    assert tiny.sequences(1000) == 1 and replica_concurrency(sized, tiny) == 2
+
+
+def test_the_kv_capacity_sizes_nothing_unless_asked_or_when_a_bound_is_explicit():
+    small = EngineCapacity(kv_cache_tokens=20_000, max_num_seqs=64)
+    assert replica_concurrency(model(), small) == 80, "no typical_request_tokens: max_num_seqs alone"
+    sized = model(admission={"typical_request_tokens": 1000})
+    assert replica_concurrency(sized, None) == 80, "nothing published yet"
+    explicit = model(admission={"typical_request_tokens": 1000}, replicas={"max_ongoing_requests": 40})
+    assert replica_concurrency(explicit, small) == 40
+    configured = model(admission={"typical_request_tokens": 1000, "max_in_flight": 7})
+    assert model_max_in_flight(configured, small) == 7
 
 
 def test_model_max_in_flight_configured_wins():

@@ -9,7 +9,7 @@ import copy
 import pytest
 import yaml
 
-from apps.admission import ModelGate
+from apps.admission import ModelGate, Slot
 from apps.applications import (
     GATEWAY_IMPORT_PATH,
     MODEL_IMPORT_PATH,
@@ -264,6 +264,9 @@ def test_an_edit_whose_build_fails_is_taken_back_and_a_new_model_that_fails_is_n
     assert starting.models[0].limits.max_tokens_cap == 280 and starting.models[1].engine.max_num_seqs == 64
 
 
+ANONYMOUS_SLOT = Slot()  # a slot of the default key: these gates are acquired without one
+
+
 def gate(max_in_flight: int, max_queued: int = 10) -> ModelGate:
     return ModelGate(
         "m",
@@ -284,11 +287,11 @@ def test_a_gate_keeps_its_requests_across_new_bounds():
         await asyncio.sleep(0.01)
         admitted = sum(w.done() for w in waiters)
         live.adopt_bounds(gate(1))  # lowered: releases do not hand slots on above the bound
-        live.release()
-        live.release()
+        live.release(ANONYMOUS_SLOT)
+        live.release(ANONYMOUS_SLOT)
         await asyncio.sleep(0.01)
         still_waiting = sum(not w.done() for w in waiters)
-        live.release()  # now at the bound: the next release hands on
+        live.release(ANONYMOUS_SLOT)  # now at the bound: the next release hands on
         await asyncio.sleep(0.01)
         return admitted, still_waiting, live.in_flight
 

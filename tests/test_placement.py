@@ -172,6 +172,22 @@ def test_autoscaling_defaults_come_from_the_engine_batch_and_serve_accepts_them(
     assert (sizing["upscale_delay_s"], sizing["downscale_delay_s"]) == (30, 600)
 
 
+def test_the_sizing_asks_the_policy_to_follow_the_kv_capacity_only_when_nothing_explicit_says_otherwise(
+    make_checkpoint,
+):
+    path = make_checkpoint()
+    typical = {"typical_request_tokens": 1000}
+    asked = ModelConfig(id="m", path=path, admission=typical, replicas={"autoscaling": {"max_replicas": 4}})
+    assert sizing_of(model_deployment_options(asked))["typical_request_tokens"] == 1000
+    for replicas in (
+        {"autoscaling": {"max_replicas": 4, "target_ongoing_requests": 8}},
+        {"max_ongoing_requests": 10},
+    ):
+        explicit = ModelConfig(id="m", path=path, admission=typical, replicas=replicas)
+        assert "typical_request_tokens" not in sizing_of(model_deployment_options(explicit)), replicas
+    assert "typical_request_tokens" not in sizing_of(model_deployment_options(ModelConfig(id="m", path=path)))
+
+
 def test_every_autoscaling_knob_can_be_overridden(make_checkpoint):
     knobs = {
         "min_replicas": 1,

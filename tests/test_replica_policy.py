@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from apps import replica_policy
-from apps.replica_policy import LiveSizingPolicy, decide
+from apps.capacity import CAPACITY_NAMESPACE, capacity_key
+from apps.replica_policy import LiveSizingPolicy, decide, kv_sized
 
 AUTOSCALED = {
     "min_replicas": 1,
@@ -99,6 +100,26 @@ def test_the_policy_takes_published_sizing_newer_than_its_build(monkeypatch):
     published["value"] = {"published_at": 700.0, "models": {"other": fixed(5)}}
     clock[0] += 1.0
     assert policy(context(1, 1, 0.0)) == (2, {}), "the model no longer published: the build's"
+
+
+def test_a_target_asked_to_follow_the_kv_capacity_shrinks_with_what_the_cache_holds(monkeypatch):
+    sizing = fixed(1) | {"target_ongoing_requests": 48.0, "typical_request_tokens": 1000.0}
+    assert kv_sized(sizing, (16, 64))["target_ongoing_requests"] == 12.0, "a quarter of the batch fits"
+    assert kv_sized(sizing, None) == sizing, "nothing published yet"
+    assert kv_sized(fixed(1), (16, 64)) == fixed(1), "not asked: the configured target"
+    assert kv_sized(sizing, (1, 1000))["target_ongoing_requests"] == 1.0
+
+    monkeypatch.setattr(replica_policy, "read_sizing", lambda: None)
+    monkeypatch.setattr(replica_policy, "read_kv_sequences", lambda model_id, typical: (16, 64))
+    autoscaled = sizing | {"min_replicas": 1, "max_replicas": 4, "upscale_delay_s": 0.0}
+    policy = LiveSizingPolicy("m", autoscaled, built_at=0.0)
+    assert policy.sizing()["target_ongoing_requests"] == 12.0
+    assert policy(context(1, 1, ongoing=30.0)) == (3, {}), "30 requests over a target of 12"
+
+
+def test_the_policy_reads_the_capacity_where_apps_capacity_writes_it():
+    assert capacity_key("m") == f"{replica_policy.CAPACITY_KEY_PREFIX}m".encode()
+    assert CAPACITY_NAMESPACE == replica_policy.CAPACITY_NAMESPACE
 
 
 def test_a_malformed_publication_or_a_failure_keeps_the_build_or_the_current_count(monkeypatch):
