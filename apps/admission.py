@@ -282,8 +282,8 @@ class ModelGate:
                 queues = self._waiting[lower]
                 if self.fair_share:
                     key = max(keys, key=lambda k: self._served.get(k, 0.0))
-                else:
-                    key = max(keys, key=lambda k: queues[k][-1].arrival)
+                else:  # the newest live waiter of all
+                    key = max(keys, key=lambda k: max(w.arrival for w in queues[k] if not w.future.done()))
                 queue = queues[key]
                 waiter = queue.pop()
                 while waiter.future.done():  # the head is live, so this ends

@@ -2,12 +2,13 @@
 
 vLLM sizes its KV cache as it starts (from `gpu_memory_utilization` and what the weights left on a
 GPU, `VLLM_CPU_KVCACHE_SPACE` on CPU, the KV cache's dtype), so how many sequences of a typical
-length fit is known only then: an fp8 KV cache or a quantized model doubles it, a bigger context
-window does not change it. Each model replica publishes its engine's capacity to Ray's internal
-KV store when it has started (one key per model: replicas of one model have the same engine
-arguments and, on like hardware, the same capacity); the ingress reads it and sizes the model's
-admission bound from it when the model's `admission.typical_request_tokens` is set
-(`apps.admission.replica_concurrency`).
+length fit is known only then: an fp8 KV cache doubles it, a quantized model leaves a GPU more
+memory for it, a bigger context window does not change it. Each model replica publishes its
+engine's capacity to Ray's internal KV store when it has started (one key per model: replicas of
+one model have the same engine arguments and, on like hardware, the same capacity); the ingress
+reads it and sizes the model's admission bound from it when the model's
+`admission.typical_request_tokens` is set (`apps.admission.replica_concurrency`), and the
+autoscaling policy its target (`apps.replica_policy`).
 """
 
 from __future__ import annotations

@@ -403,9 +403,10 @@ class AdmissionSettings(StrictModel):
             "Prompt + output tokens of a typical request. Set, each replica takes on as many "
             "requests as its engine's KV cache holds of this length (at most max_num_seqs), "
             "times 1.25, read from the engine once it has started (`apps.capacity`): the "
-            "admission bound follows the real KV capacity (an fp8 KV cache, a quantized model, "
-            "more memory) unless max_in_flight or replicas.max_ongoing_requests is set. None: "
-            "max_num_seqs alone."
+            "admission bound follows the real KV capacity (an fp8 KV cache, more memory) unless "
+            "max_in_flight or replicas.max_ongoing_requests is set, and the autoscaling target "
+            "shrinks in proportion unless target_ongoing_requests or "
+            "replicas.max_ongoing_requests is set. None: max_num_seqs alone."
         ),
     )
     queue_timeout_s: float = Field(

@@ -234,7 +234,7 @@ class Ingress:
                         if model.id in updates:
                             _log_capacity(model, updates[model.id])
             except Exception:  # Ray's store unreachable for a moment: keep the last sizes
-                logger.exception("Reading the engines' KV capacity failed")
+                logger.exception("Sizing the gates by the engines' KV capacity failed")
             await asyncio.sleep(CAPACITY_POLL_S)
 
     def _count_volatile_prefix(self, model_id: str, kind: str) -> None:
@@ -391,8 +391,9 @@ class Ingress:
         call = dataclasses.replace(call, shaped=dataclasses.replace(call.shaped, body=body))
         try:
             stream, head, replica = await self._call_model(call)
-        except BaseException as exc:
-            route.gate.release(slot, 0 if never_reached_model(exc) else None)
+        except BaseException:
+            # A request no replica took cost its key nothing; one that ran, what it reserved.
+            route.gate.release(slot, None if record.reached_model else 0)
             raise
         record.usage, record.reason = head.usage, head.code
         record.relay = tracing.child(record.span, "relay", {"gateway.replica": replica})
@@ -522,6 +523,7 @@ class Ingress:
         accepted: Accepted | None = None
         try:
             accepted = await until(anext(stream), None if accept_due == math.inf else accept_due)
+            call.record.reached_model = True
             route.replicas.accepted(accepted.startup_s)
             span.set_attribute("gateway.replica", accepted.replica_id)
             head: ResponseHead = await until(anext(stream), head_due)

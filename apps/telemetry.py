@@ -60,6 +60,7 @@ class RequestRecord:
     reason: str | None = None  # the OpenAI error code of an error answer
     queue_wait_s: float | None = None
     admitted: bool = False
+    reached_model: bool = False  # a model replica accepted one of its calls
     usage: Usage | None = None
     first_byte: float | None = None
     last_byte: float | None = None

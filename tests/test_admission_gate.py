@@ -160,12 +160,15 @@ def test_without_fair_share_the_longest_waiter_goes_first_and_the_engine_priorit
 def test_a_key_alone_gets_every_slot_in_its_own_order():
     async def main():
         gate = make_gate(max_in_flight=3, max_queued=100)
-        keys = KeyedWaiters(gate)
-        await keys.add("only", 6)
-        assert keys.granted == ["only"] * 3 and gate.in_flight == 3
-        await keys.release_each(3)
-        assert keys.granted == ["only"] * 6 and not any(slot.overtook for slot in keys.slots)
-        await keys.finish()
+        waiters = Waiters(gate)
+        for name in "abcdef":
+            await waiters.add(name, "normal")
+        assert waiters.served == ["a", "b", "c"] and gate.in_flight == 3
+        for _ in range(3):
+            gate.release(ANONYMOUS_SLOT)
+            await let_run()
+        assert waiters.served == list("abcdef")
+        await waiters.finish()
 
     asyncio.run(main())
 
@@ -247,7 +250,8 @@ def test_engine_priority_ranks_the_class_then_the_keys_backlog_at_the_engines():
         assert [s.engine_priority for s in (heavy, heavy_second, heavy_third)] == [0, 0, 1]
         high = await gate.acquire("high", key="c")
         low = await gate.acquire("low", key="d")
-        assert high.engine_priority < 0 < ENGINE_PRIORITY_CLASS_STEP <= low.engine_priority
+        assert high.engine_priority == -ENGINE_PRIORITY_CLASS_STEP
+        assert low.engine_priority == ENGINE_PRIORITY_CLASS_STEP
         gate.release(first)
         assert (await gate.acquire("normal", key="a")).engine_priority == 1  # one still in
 
@@ -280,6 +284,27 @@ def test_without_fair_share_eviction_takes_the_newest_waiter_of_all():
     gate = make_gate(max_in_flight=1, max_queued=3)
     gate.fair_share = False
     assert asyncio.run(evicted_by_a_high_arrival(gate)) == [3]
+
+
+def test_without_fair_share_a_cancelled_waiter_is_not_taken_for_the_newest():
+    async def main():
+        # A normal arrival finding 2 waiting evicts a low one; low waits up to 3.
+        gate = make_gate(max_in_flight=1, max_queued=3, shed_depth={"high": 3, "normal": 2, "low": 3})
+        gate.fair_share = False
+        keys = KeyedWaiters(gate)
+        await keys.add("x", priority="low")  # holds the slot
+        await keys.add("x", priority="low")  # 1
+        await keys.add("y", priority="low")  # 2: the newest live waiter once 3 is gone
+        await keys.add("x", priority="low")  # 3: cancelled
+        keys.tasks[3].cancel()
+        await let_run()
+        assert gate.depth == 2
+        await keys.add("n", priority="normal")
+        assert isinstance(keys.tasks[2].exception(), Overloaded), "y's, the newest still waiting"
+        assert not keys.tasks[1].done()
+        await keys.finish()
+
+    asyncio.run(main())
 
 
 

@@ -20,6 +20,7 @@ from apps.applications import (
     serving_args,
     split_args,
 )
+from apps.capacity import EngineCapacity
 from apps.config import ApiKey, load_config
 from apps.live import SettingsWatch, changed_fields, live_settings, starting_settings
 from apps.rate_limits import KeyLimits
@@ -377,6 +378,26 @@ def test_a_new_snapshot_keeps_each_models_gate_and_handle_and_takes_the_new_boun
     assert second.prefix_watches["m1"] is first.prefix_watches["m1"]
     assert sorted(second.routes) == ["m1", "m3"], "org/m2 removed, m3 added"
     assert first.routes["m1"].config.admission.max_in_flight is None, "the old snapshot is unchanged"
+
+
+def test_a_published_kv_capacity_resizes_the_kept_gate_of_a_model_that_asks_for_it():
+    def snapshot(config: dict, previous, capacities=None):
+        loaded = load_config(config, check_model_files=False)
+        stream_for = lambda model_id: object()  # noqa: E731
+        return live_settings(loaded, previous, lambda model_id, kind: None, stream_for, capacities)
+
+    sized = copy.deepcopy(WHOLE)
+    sized["models"][0]["admission"] = {"typical_request_tokens": 1000}
+    first = snapshot(sized, None)
+    unsized_bound = first.routes["m1"].gate.max_in_flight
+    capacities = {"m1": EngineCapacity(4_000, 8), "org/m2": EngineCapacity(4_000, 8)}
+    second = snapshot(sized, first, capacities)
+    assert second.routes["m1"].gate is first.routes["m1"].gate
+    # 4 requests of 1000 tokens fit of the 8 m1 batches: 5 per replica (x 1.25), 2 replicas
+    assert second.routes["m1"].gate.max_in_flight == 10 < unsized_bound == 20
+    assert second.routes["org/m2"].gate.max_in_flight == first.routes["org/m2"].gate.max_in_flight, (
+        "a model without typical_request_tokens keeps its bound"
+    )
 
 
 @pytest.mark.parametrize(

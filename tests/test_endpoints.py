@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from apps.auth import key_hash
 from apps.endpoints import ENDPOINTS
+from apps.model_server import _known_fields, _protocol_model
 from tests.conftest import ROOT, app_args, deploy, ingress_log_line, serve_app
 
 PORT = 18830
@@ -283,6 +284,19 @@ def shape(response: httpx.Response) -> Any:
 def test_the_table_covers_every_endpoint():
     assert len(CASES) >= 40
     assert {case.path for case in CASES} == {spec.path for spec in ENDPOINTS.values()}
+
+
+# The gateway's engine priority (`apps.admission`) where vLLM's request type has the field.
+PRIORITY_KEPT = {"chat", "completion", "responses", "embeddings", "score", "rerank"}
+PRIORITY_DROPPED = {"messages", "count_tokens", "tokenize", "detokenize"}
+
+
+@pytest.mark.parametrize("endpoint", sorted(PRIORITY_KEPT | PRIORITY_DROPPED))
+def test_the_gateways_priority_reaches_vllm_where_it_can_and_breaks_no_endpoint(endpoint):
+    assert PRIORITY_KEPT | PRIORITY_DROPPED == set(ENDPOINTS)
+    for path in ENDPOINTS[endpoint].request_types:
+        kept = _known_fields({"priority": 7}, _protocol_model(path))
+        assert kept == ({"priority": 7} if endpoint in PRIORITY_KEPT else {}), path
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
