@@ -385,8 +385,9 @@ class ModelRoute:
         """The model's routing settings, as each call carries them to the router (made once per
         settings snapshot: a route is rebuilt when they change)."""
         settings = self.config.routing
-        affinity = settings.policy == "prefix_affinity"
-        return RoutingKnobs(affinity, settings.prefix_chars, settings.max_imbalance)
+        affinity = settings.policy in ("prefix_affinity", "precise_prefix")
+        precise = settings.policy == "precise_prefix"
+        return RoutingKnobs(affinity, settings.prefix_chars, settings.max_imbalance, precise)
 
     @functools.cached_property
     def lease_s(self) -> float:

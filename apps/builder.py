@@ -58,6 +58,8 @@ TARGET_ONGOING_SHARE = 0.75
 # rotation after about 3 periods (its requests meanwhile go to other replicas: apps.failover).
 HEALTH_CHECK_PERIOD_S = 2.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
+# How often Serve asks each model replica for its routing stats (`ModelServer.record_routing_stats`).
+ROUTING_STATS_PERIOD_S = 5.0
 # Requests an ingress replica queues per model while all replicas are full or being replaced.
 QUEUED_PER_ONGOING = 2
 # The limiter answers every rate-limited request; its calls are tiny and never block.
@@ -87,7 +89,12 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
         "graceful_shutdown_timeout_s": model.replicas.drain_timeout_s,
     }
     # The router's knobs are live settings: each request carries them (`apps.routing`).
-    options["request_router_config"] = {"request_router_class": "apps.routing:PrefixAffinityRouter"}
+    # Routing stats carry where a replica's engine publishes its KV-cache events (`apps.kv_index`):
+    # a new replica is routed precisely within one period.
+    options["request_router_config"] = {
+        "request_router_class": "apps.routing:PrefixAffinityRouter",
+        "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
+    }
     # Every model autoscales under the live sizing policy, inside bounds Serve never reaches;
     # Serve's delays are 0 because the policy counts them (`apps.replica_policy`). Serve starts
     # a deployment at `initial_replicas`, and resets it to that count on every roll: the count it

@@ -140,6 +140,18 @@ class EngineSettings(StrictModel):
         ),
     )
     enable_prefix_caching: bool = Field(default=True, description="Reuse KV blocks of shared prefixes.")
+    kv_cache_events: bool = Field(
+        default=False,
+        description="Publish the engine's KV-cache events (blocks cached and evicted, over ZMQ on a "
+        "free port of the replica's node) for the `precise_prefix` routing policy.",
+    )
+    kv_cache_blocks: int | None = Field(
+        default=None,
+        ge=1,
+        description="Cap the engine's KV cache at this many blocks (vLLM's num_gpu_blocks_override; "
+        "the CPU backend's blocks hold 128 tokens): a small cache for tests and benchmarks that "
+        "need eviction. None: sized from memory.",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Weight and activation dtype."
     )
@@ -239,11 +251,13 @@ class AutoscalingSettings(StrictModel):
 class RoutingSettings(StrictModel):
     """How the ingress picks one of the model's replicas for a request (`apps.routing`)."""
 
-    policy: Literal["prefix_affinity", "power_of_two"] = Field(
+    policy: Literal["prefix_affinity", "precise_prefix", "power_of_two"] = Field(
         default="prefix_affinity",
         description="prefix_affinity: prompts that start alike go to the same replica (its prefix "
-        "cache holds them) unless it is much busier; power_of_two: Serve's default, the less "
-        "loaded of two random replicas.",
+        "cache holds them) unless it is much busier; precise_prefix: the replica whose engine "
+        "holds the longest prefix of the prompt's tokens, from the engines' KV-cache events (the "
+        "model's `engine.kv_cache_events`), else as prefix_affinity; power_of_two: Serve's "
+        "default, the less loaded of two random replicas.",
     )
     prefix_chars: int = Field(
         default=512,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from apps import tracing
 from apps.config import ModelConfig
@@ -12,8 +12,12 @@ if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
 
-def engine_args(model: ModelConfig, placement: Placement) -> AsyncEngineArgs:
-    """The AsyncEngineArgs of `model`'s engine; served under the model's id, not its path."""
+def engine_args(
+    model: ModelConfig, placement: Placement, kv_events: dict[str, Any] | None = None
+) -> AsyncEngineArgs:
+    """The AsyncEngineArgs of `model`'s engine; served under the model's id, not its path.
+    `kv_events`: vLLM's KVEventsConfig fields, when the engine publishes its KV-cache events."""
+    from vllm.config import KVEventsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     engine = model.engine
@@ -45,6 +49,8 @@ def engine_args(model: ModelConfig, placement: Placement) -> AsyncEngineArgs:
         max_num_batched_tokens=engine.max_num_batched_tokens,
         gpu_memory_utilization=engine.gpu_memory_utilization,
         enable_prefix_caching=engine.enable_prefix_caching,
+        num_gpu_blocks_override=engine.kv_cache_blocks,
+        kv_events_config=KVEventsConfig(**kv_events) if kv_events is not None else None,
         stream_interval=engine.stream_interval,
         dtype=engine.dtype,
         enforce_eager=engine.enforce_eager,

@@ -48,6 +48,7 @@ from apps.errors import (
     error_event,
 )
 from apps.failover import is_replica_lost
+from apps.kv_index import BLOCK_SIZE_STAT, KV_EVENTS_STAT, TOKENIZER_STAT, KVCacheMirror
 from apps.metrics import UNAUTHENTICATED, model_server_metrics
 from apps.placement import omp_threads_bind, placement_for
 from apps.rate_limits import Settler
@@ -115,7 +116,18 @@ class ModelServer:
         if tracing.traces_endpoint() is not None:
             # vLLM's own span exporter reads only this variable, and defaults to grpc.
             os.environ.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", tracing.protocol())
-        args = engine_args(model, placement)
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        # For the precise-prefix router (`apps.kv_index`), in this replica's routing stats.
+        self._routing_stats: dict[str, Any] = {}
+        kv_events = None
+        if model.engine.kv_cache_events:
+            mirror = KVCacheMirror(replica_id)  # follows the engine's events from its start
+            kv_events = mirror.engine_config()
+            self._routing_stats = {
+                KV_EVENTS_STAT: mirror.endpoint,
+                TOKENIZER_STAT: os.path.abspath(model.path),
+            }
+        args = engine_args(model, placement, kv_events)
         vllm_config = args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
         if placement.executor_backend == "ray":
             # The ray executor starts its GPU workers in this replica's placement group.
@@ -151,7 +163,8 @@ class ModelServer:
         await warm_up(model, self._call_vllm, await self._preload_adapters(model))
         self._first_request_logged = False
         self._open_streams = 0
-        replica_id = serve.get_replica_context().replica_id.unique_id
+        if self._routing_stats:
+            self._routing_stats[BLOCK_SIZE_STAT] = self._engine.vllm_config.cache_config.block_size
         self._accepted = Accepted(time.monotonic() - started, replica_id)
         logger.info("Model %s ready after %.0f s: %s", model.id, self._accepted.startup_s, placement)
 
@@ -475,6 +488,11 @@ class ModelServer:
     async def block_size(self) -> int:
         """The KV cache's block size: prefix-cache hits come in whole blocks of it."""
         return self._engine.vllm_config.cache_config.block_size
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's periodic report of this replica to the routers of its callers: where its KV-cache
+        mirror publishes what its engine holds, when it does (`apps.kv_index`)."""
+        return self._routing_stats
 
     async def check_health(self) -> None:
         """Serve's periodic health check: raises when the engine has died."""
