@@ -14,7 +14,7 @@ where restarts are cheap or dear:
                                        every ingress replica reads the new settings within about
                                        a second (`SETTINGS_POLL_S`) and swaps them in whole
                                        (`apps.live`); the models' autoscaling policy reads the
-                                       new sizing as fast (`apps.replica_policy`).
+                                       new sizing as fast (`apps.engine.replica_policy`).
     model-<id>     (`build_model`)     one per model: `id`, `path`, `engine`, `parallelism`,
                                        `warmup`, and the rest of `replicas`. An edit rolls that
                                        model's replicas.
@@ -57,7 +57,7 @@ MODEL_APP_FIELDS = frozenset({"id", "path", "task", "engine", "parallelism", "re
 MODEL_SETTINGS_FIELDS = frozenset(
     {"id", "limits", "admission", "system_prompts", "routing", "replicas", "lora"}
 )
-# A model's `replicas` fields that are live settings (`apps.replica_policy`); the others stay
+# A model's `replicas` fields that are live settings (`apps.engine.replica_policy`); the others stay
 # with its application.
 LIVE_REPLICA_FIELDS = frozenset({"num_replicas", "autoscaling"})
 # A model's sections split between the two: their live fields in the settings application, the

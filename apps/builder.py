@@ -20,7 +20,8 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from apps.admission import replica_max_ongoing
+from apps.admission.gate import replica_max_ongoing
+from apps.admission.rate_limits import RateLimiter
 from apps.applications import (
     GATEWAY_IMPORT_PATH,
     LIMITER_DEPLOYMENT,
@@ -40,12 +41,11 @@ from apps.config import (
     ModelConfig,
     load_config,
 )
-from apps.engine_args import engine_env_vars
-from apps.ingress import Ingress
-from apps.model_server import ModelServer
-from apps.placement import placement_for, unplaceable_reason
-from apps.rate_limits import RateLimiter
-from apps.replica_policy import REPLICA_CEILING, publish_sizing
+from apps.edge.ingress import Ingress
+from apps.engine.engine_args import engine_env_vars
+from apps.engine.model_server import ModelServer
+from apps.engine.placement import placement_for, unplaceable_reason
+from apps.engine.replica_policy import REPLICA_CEILING, publish_sizing
 
 __all__ = ["build_gateway", "build_model", "build_settings", "deployment_name"]
 
@@ -55,7 +55,7 @@ TARGET_ONGOING_SHARE = 0.75
 # Health checks start once the constructor (engine start) has returned. A check is cheap
 # (is the engine process alive?); the timeout covers an event loop busy with a large batch.
 # Serve stops a replica after 3 failed checks in a row: a replica whose engine died leaves the
-# rotation after about 3 periods (its requests meanwhile go to other replicas: apps.failover).
+# rotation after about 3 periods (its requests meanwhile go to other replicas: apps.routing.failover).
 HEALTH_CHECK_PERIOD_S = 2.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
 # How often Serve asks each model replica for its routing stats (`ModelServer.record_routing_stats`).
@@ -88,15 +88,15 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
         "max_surge_percent": model.replicas.max_surge_percent,
         "graceful_shutdown_timeout_s": model.replicas.drain_timeout_s,
     }
-    # The router's knobs are live settings: each request carries them (`apps.routing`).
-    # Routing stats carry where a replica's engine publishes its KV-cache events (`apps.kv_index`):
+    # The router's knobs are live settings: each request carries them (`apps.routing.router`).
+    # Routing stats carry where a replica's engine publishes its KV-cache events (`apps.routing.kv_index`):
     # a new replica is routed precisely within one period.
     options["request_router_config"] = {
-        "request_router_class": "apps.routing:PrefixAffinityRouter",
+        "request_router_class": "apps.routing.router:PrefixAffinityRouter",
         "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
     }
     # Every model autoscales under the live sizing policy, inside bounds Serve never reaches;
-    # Serve's delays are 0 because the policy counts them (`apps.replica_policy`). Serve starts
+    # Serve's delays are 0 because the policy counts them (`apps.engine.replica_policy`). Serve starts
     # a deployment at `initial_replicas`, and resets it to that count on every roll: the count it
     # has now (within the bounds; the minimum for a new one). Without it a new deployment would
     # start at 0, and report RUNNING before the policy's first tick.
@@ -113,7 +113,7 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
         "downscale_delay_s": 0,
         "look_back_period_s": (autoscaling or AutoscalingSettings()).look_back_period_s,
         "policy": {
-            "policy_function": "apps.replica_policy:LiveSizingPolicy",
+            "policy_function": "apps.engine.replica_policy:LiveSizingPolicy",
             "policy_kwargs": {"model_id": model.id, "sizing": sizing, "built_at": time.time()},
         },
     }
@@ -121,11 +121,11 @@ def model_deployment_options(model: ModelConfig) -> dict[str, Any]:
 
 
 def replica_sizing(model: ModelConfig) -> dict[str, float]:
-    """`model`'s replica count or autoscaling bounds, as `apps.replica_policy` reads them (a fixed
+    """`model`'s replica count or autoscaling bounds, as `apps.engine.replica_policy` reads them (a fixed
     count is min = max)."""
     autoscaling = model.replicas.autoscaling
     target = max(1.0, model.engine.max_num_seqs * TARGET_ONGOING_SHARE)
-    # The policy scales a derived target by what the engines' KV cache holds (`apps.capacity`).
+    # The policy scales a derived target by what the engines' KV cache holds (`apps.admission.capacity`).
     typical = model.admission.typical_request_tokens
     derived = {}
     if typical and not model.replicas.max_ongoing_requests:
@@ -189,7 +189,7 @@ def settings_application() -> Application:
 class ModelEntrypoint:
     """A model application's ingress, which takes no traffic. Serve makes one deployment of each
     application its ingress, and behind HAProxy an ingress may not have a custom request router;
-    the model's deployment has one (`apps.routing`), and the gateway calls it by handle."""
+    the model's deployment has one (`apps.routing.router`), and the gateway calls it by handle."""
 
     def __init__(self, model: DeploymentHandle) -> None:
         del model  # bound only to make the model's deployment part of this application

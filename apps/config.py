@@ -8,7 +8,7 @@ to the running gateway within seconds, nothing restarts; also `routing`) and one
 field's description says "Live." where an edit applies without a restart.
 
 Everything else (placement bundles, engine arguments, deployment options, request limits) is
-derived from a validated `AppConfig` in `apps.builder` and `apps.placement`; nothing re-reads the
+derived from a validated `AppConfig` in `apps.builder` and `apps.engine.placement`; nothing re-reads the
 YAML. An invalid config fails here, before Ray starts anything, with one message per problem that
 names the field path.
 
@@ -35,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from apps.replica_policy import REPLICA_CEILING
+from apps.engine.replica_policy import REPLICA_CEILING
 
 logger = logging.getLogger("ray.serve")
 DEFAULT_MAX_TOKENS = 256
@@ -167,7 +167,7 @@ class EngineSettings(StrictModel):
 
 
 class ParallelismSettings(StrictModel):
-    """How one replica's engine is split over devices; derived placement is in `apps.placement`."""
+    """How one replica's engine is split over devices; derived placement is in `apps.engine.placement`."""
 
     tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="TP ranks (one node).")
     pipeline_parallel_size: int = Field(default=1, ge=1, le=64, description="PP stages.")
@@ -249,7 +249,7 @@ class AutoscalingSettings(StrictModel):
 
 
 class RoutingSettings(StrictModel):
-    """How the ingress picks one of the model's replicas for a request (`apps.routing`)."""
+    """How the ingress picks one of the model's replicas for a request (`apps.routing.router`)."""
 
     policy: Literal["prefix_affinity", "precise_prefix", "power_of_two"] = Field(
         default="prefix_affinity",
@@ -416,7 +416,7 @@ class AdmissionSettings(StrictModel):
         description=(
             "Prompt + output tokens of a typical request. Set, each replica takes on as many "
             "requests as its engine's KV cache holds of this length (at most max_num_seqs), "
-            "times 1.25, read from the engine once it has started (`apps.capacity`): the "
+            "times 1.25, read from the engine once it has started (`apps.admission.capacity`): the "
             "admission bound follows the real KV capacity (an fp8 KV cache, more memory) unless "
             "max_in_flight or replicas.max_ongoing_requests is set, and the autoscaling target "
             "shrinks in proportion unless target_ongoing_requests or "
@@ -705,7 +705,7 @@ class ApiKey(StrictModel):
         description="Who holds the key; used in logs and metric labels, never the key itself."
     )
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] = Field(
-        description="Hex SHA-256 of the key (`python -m apps.auth new NAME` makes a key and its entry)."
+        description="Hex SHA-256 of the key (`python -m apps.edge.auth new NAME` makes a key and its entry)."
     )
     models: list[str] | None = Field(
         default=None, description="Model ids this key may use; None: all of them."

@@ -16,8 +16,8 @@ and accounted, and which of vLLM's serving objects answers it.
     tokenize      /tokenize                   any       (the tokenizer only)     serving_tokenization
     detokenize    /detokenize                 any       (the tokenizer only)     serving_tokenization
 
-Every endpoint takes the same corridor through the ingress (`apps.ingress`): authenticate, read,
-authorize, shape (`apps.validation`, with the table's rules), reserve, admit, route, engine,
+Every endpoint takes the same corridor through the ingress (`apps.edge.ingress`): authenticate, read,
+authorize, shape (`apps.shaping.validation`, with the table's rules), reserve, admit, route, engine,
 relay, account. A pooling request reserves its inputs' tokens; tokenize reserves none (a
 rate-limited key pays one request for it) and holds its admission slot for the milliseconds it
 runs (a slot of the model's replicas too: left out of the gate, a flood of them would fill the
@@ -236,7 +236,7 @@ class EndpointSpec:
     stop_field: str | None = None  # the body's list of stop sequences
     choices: bool = False  # the body may ask for several choices (`n`)
     pooling: bool = False  # one engine pass per input, capped by `limits.max_inputs`
-    resumable: bool = False  # a stream that may continue on another replica (`apps.resume`)
+    resumable: bool = False  # a stream that may continue on another replica (`apps.routing.resume`)
     # The endpoint's own checks of a body (400), and the body it forwards.
     rule: Callable[[dict[str, Any]], dict[str, Any]] = lambda body: body
     errors: ErrorStyle = "openai"  # its error bodies and stream error events (`apps.errors`)

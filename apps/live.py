@@ -26,7 +26,8 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from apps.admission import ModelGate, ModelRoute, gate_for
+from apps.admission.capacity import EngineCapacity
+from apps.admission.gate import ModelGate, ModelRoute, gate_for
 from apps.applications import (
     SETTINGS_POLL_S,
     AppStatus,
@@ -38,10 +39,9 @@ from apps.applications import (
     deployment_name,
     serving_args,
 )
-from apps.auth import KeyTable
-from apps.capacity import EngineCapacity
 from apps.config import AppConfig, ConfigError, LoraAdapter, load_config
-from apps.prefixes import VolatilePrefixWatch
+from apps.edge.auth import KeyTable
+from apps.shaping.prefixes import VolatilePrefixWatch
 
 logger = logging.getLogger("ray.serve")
 # Where the last applied settings are kept for replicas that start later.
@@ -85,7 +85,7 @@ def live_settings(
 ) -> LiveSettings:
     """The snapshot for `config`, carrying over the state of every model `previous` served.
     `stream_for`: a new model's streaming handle. `capacities`: the KV capacity each model's
-    engines published (`apps.capacity`), which may size its gate."""
+    engines published (`apps.admission.capacity`), which may size its gate."""
     old_routes = previous.routes if previous else {}
     old_watches = previous.prefix_watches if previous else {}
     routes, watches = {}, {}

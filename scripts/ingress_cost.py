@@ -20,15 +20,15 @@ import logging
 import time
 from collections.abc import Callable
 
-from apps import tracing
-from apps.admission import ModelGate, shed_depths
-from apps.auth import KeyTable, key_hash
+from apps.admission.gate import ModelGate, shed_depths
+from apps.admission.rate_limits import KeyLimits
 from apps.config import ApiKey, AuthSettings, RequestLimits
+from apps.edge.auth import KeyTable, key_hash
 from apps.errors import GatewayError, error_json
-from apps.prefixes import VolatilePrefixWatch
-from apps.rate_limits import KeyLimits
-from apps.telemetry import RECORD_SCOPE_KEY, RequestTelemetry
-from apps.validation import parse_body, shape_request
+from apps.observability import tracing
+from apps.observability.telemetry import RECORD_SCOPE_KEY, RequestTelemetry
+from apps.shaping.prefixes import VolatilePrefixWatch
+from apps.shaping.validation import parse_body, shape_request
 from scripts.workloads import make_workload
 
 REPETITIONS = 20_000
@@ -139,7 +139,8 @@ def measure(repetitions: int = REPETITIONS) -> dict[str, float]:
 
 
 def one_requests_spans() -> None:
-    """Every span one request makes, in every process (`apps.tracing`), as the code makes them."""
+    """Every span one request makes, in every process (`apps.observability.tracing`), as the code
+    makes them."""
     headers = [(b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]
     root = tracing.request_span("POST", "/v1/chat/completions", headers)
     for name in ("authenticate", "read", "shape", "rate_limit", "queue"):

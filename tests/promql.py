@@ -57,7 +57,7 @@ def defined_metric_names() -> frozenset[str]:
     """Every name, as scraped, of the metrics that the gateway (apps/), Serve (its `_private`
     package) and vLLM's stat logger (vllm/v1/metrics/loggers.py; not its spec-decode or KV
     connector metrics, defined elsewhere) define."""
-    sources = [*(ROOT / "apps").glob("*.py"), *(package_dir("ray.serve") / "_private").glob("*.py")]
+    sources = [*(ROOT / "apps").rglob("*.py"), *(package_dir("ray.serve") / "_private").glob("*.py")]
     defined = [m for path in sources for m in RAY_METRIC.findall(path.read_text())]
     vllm = VLLM_METRIC.findall((package_dir("vllm") / "v1" / "metrics" / "loggers.py").read_text())
     defined += [(kind, name.replace(":", "_")) for kind, name in vllm]

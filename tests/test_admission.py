@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray import serve
 
-from apps.auth import key_hash
+from apps.edge.auth import key_hash
 from scripts.fairness import FairnessSettings, measure, percentile
 from tests.conftest import app_args, serve_app
 
@@ -285,7 +285,7 @@ def test_low_priority_is_shed_before_high(gateway):
 
 
 def test_a_light_key_is_not_queued_behind_a_greedy_keys_backlog(gateway):
-    """Fair share within a class (`apps.admission`): a key holding more streams than tiny-chat
+    """Fair share within a class (`apps.admission.gate`): a key holding more streams than tiny-chat
     admits, and a key sending one short request at a time. First come first served, the light
     key would wait as long as the greedy key's own requests do (the backlog ahead of it); the
     fair queue hands it the next freed slot, and the engine batches it first. What is left is

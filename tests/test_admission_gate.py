@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from apps.admission import (
+from apps.admission.capacity import EngineCapacity
+from apps.admission.gate import (
     ENGINE_PRIORITY_CLASS_STEP,
     MIN_RETRY_AFTER_S,
     ModelGate,
@@ -22,7 +23,6 @@ from apps.admission import (
     shed_depths,
     until,
 )
-from apps.capacity import EngineCapacity
 from apps.config import ModelConfig, load_config
 from apps.errors import DeadlineExceeded, Overloaded, error_body
 

@@ -111,6 +111,6 @@ def test_every_metric_the_alerts_query_is_defined(name):
 def test_shed_reasons_are_codes_the_gateway_answers_with():
     (shed,) = [rule for rule in alert_rules() if rule["alert"] == ISSUE_ALERTS["requests shed"]]
     (pattern,) = re.findall(r'reason=~"([^"]+)"', shed["expr"])
-    sources = "".join(path.read_text() for path in (ROOT / "apps").glob("*.py"))
+    sources = "".join(path.read_text() for path in (ROOT / "apps").rglob("*.py"))
     unknown = [reason for reason in pattern.split("|") if f'"{reason}"' not in sources]
     assert not unknown, f"no such error code in apps/: {unknown}"

@@ -9,7 +9,9 @@ import copy
 import pytest
 import yaml
 
-from apps.admission import ModelGate, Slot
+from apps.admission.capacity import EngineCapacity
+from apps.admission.gate import ModelGate, Slot
+from apps.admission.rate_limits import KeyLimits
 from apps.applications import (
     GATEWAY_IMPORT_PATH,
     MODEL_IMPORT_PATH,
@@ -20,10 +22,8 @@ from apps.applications import (
     serving_args,
     split_args,
 )
-from apps.capacity import EngineCapacity
 from apps.config import ApiKey, load_config
 from apps.live import SettingsWatch, changed_fields, live_settings, starting_settings
-from apps.rate_limits import KeyLimits
 from tests.conftest import CONFIGS, app_args
 
 WHOLE = {

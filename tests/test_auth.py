@@ -1,5 +1,5 @@
 """API keys: authentication from the Authorization header, per-key model access, the auth config
-(keys, keys_file and their checks) and `python -m apps.auth new NAME`."""
+(keys, keys_file and their checks) and `python -m apps.edge.auth new NAME`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from apps.auth import ANONYMOUS, Caller, KeyTable, key_hash, new_key_entry
 from apps.config import ApiKey, AuthSettings, ConfigError, load_config
+from apps.edge.auth import ANONYMOUS, Caller, KeyTable, key_hash, new_key_entry
 from apps.errors import Forbidden, GatewayError, ModelNotFound, Unauthorized, error_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,7 +264,7 @@ def test_key_hash_is_lowercase_hex_sha256():
 
 def test_cli_new_prints_a_key_matching_its_config_entry():
     result = subprocess.run(
-        [PYTHON, "-m", "apps.auth", "new", "dave"],
+        [PYTHON, "-m", "apps.edge.auth", "new", "dave"],
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
     )
     key = re.search(r"^key \(give it to dave.*\): (\S+)$", result.stdout, re.MULTILINE).group(1)
@@ -276,10 +276,10 @@ def test_cli_new_prints_a_key_matching_its_config_entry():
 
 def test_cli_without_new_name_prints_usage_and_fails():
     result = subprocess.run(
-        [PYTHON, "-m", "apps.auth", "old"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [PYTHON, "-m", "apps.edge.auth", "old"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2 and result.stdout == ""
-    assert "python -m apps.auth new NAME" in result.stderr
+    assert "python -m apps.edge.auth new NAME" in result.stderr
 
 
 def test_an_x_api_key_header_authenticates_as_anthropics_clients_send_it(table):

@@ -30,7 +30,7 @@ from ray.autoscaler._private.kuberay.autoscaling_config import (
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from apps.config import ModelConfig, load_config
-from apps.placement import placement_for, unplaceable_reason
+from apps.engine.placement import placement_for, unplaceable_reason
 from tests.conftest import CONFIGS, ROOT, app_args, ray_serve_env
 
 CLUSTER = ROOT / "cluster"

@@ -1,4 +1,4 @@
-"""The HAProxy wrapper that adds the per-client connection cap (`apps.connection_guard`): where
+"""The HAProxy wrapper that adds the per-client connection cap (`apps.edge.connection_guard`): where
 the rules go, that Ray's bundled HAProxy accepts them, and what it leaves alone. The cap itself
 is tested on the real stack in tests/test_hostile_clients.py."""
 
@@ -8,7 +8,13 @@ import subprocess
 
 import pytest
 
-from apps.connection_guard import FrontendNotFound, Guards, guard_config_file, guarded_config, haproxy_binary
+from apps.edge.connection_guard import (
+    FrontendNotFound,
+    Guards,
+    guard_config_file,
+    guarded_config,
+    haproxy_binary,
+)
 
 # The shape of what Ray 2.60 writes (ray/serve/_private/haproxy_templates.py), cut down.
 CONFIG = """global

@@ -30,9 +30,9 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from apps.auth import key_hash
+from apps.edge.auth import key_hash
 from apps.endpoints import ENDPOINTS
-from apps.model_server import _known_fields, _protocol_model
+from apps.engine.model_server import _known_fields, _protocol_model
 from tests.conftest import ROOT, app_args, deploy, ingress_log_line, serve_app
 
 PORT = 18830
@@ -286,7 +286,7 @@ def test_the_table_covers_every_endpoint():
     assert {case.path for case in CASES} == {spec.path for spec in ENDPOINTS.values()}
 
 
-# The gateway's engine priority (`apps.admission`) where vLLM's request type has the field.
+# The gateway's engine priority (`apps.admission.gate`) where vLLM's request type has the field.
 PRIORITY_KEPT = {"chat", "completion", "responses", "embeddings", "score", "rerank"}
 PRIORITY_DROPPED = {"messages", "count_tokens", "tokenize", "detokenize"}
 
@@ -640,11 +640,11 @@ def test_an_anthropic_error_has_anthropics_type_for_its_status(stack):
 def test_every_global_an_ingress_method_reads_exists_in_its_copy():
     """`serve.ingress` copies the class with the module's globals of that moment: a helper
     defined below the class is a NameError in the replica (it was, for two of them)."""
-    from apps.ingress import Ingress
+    from apps.edge.ingress import Ingress
 
     missing = []
     for name, method in inspect.getmembers(Ingress, inspect.isfunction):
-        if method.__module__ != "apps.ingress":
+        if method.__module__ != "apps.edge.ingress":
             continue
         for code in [method.__code__, *(c for c in method.__code__.co_consts if inspect.iscode(c))]:
             for instruction in dis.get_instructions(code):

@@ -9,7 +9,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from apps.errors import DeadlineExceeded, EngineUnavailable, InternalError, InvalidRequest
-from apps.failover import (
+from apps.routing.failover import (
     MIN_RETRY_AFTER_S,
     UNKNOWN_STARTUP_RETRY_AFTER_S,
     ReplicaWatch,

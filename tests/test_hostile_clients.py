@@ -36,7 +36,7 @@ from ray import serve
 
 from apps.applications import deployment_name
 from apps.config import DEFAULT_BODY_TIMEOUT_S
-from apps.connection_guard import DEFAULT_HEADER_TIMEOUT_S
+from apps.edge.connection_guard import DEFAULT_HEADER_TIMEOUT_S
 from tests.conftest import app_args, driver_handle, ray_serve_env, replica_log_lines, serve_app
 
 PORT = 18810

@@ -2,7 +2,7 @@
 checkpoint whose CPU KV caches are 1 and 2 GiB, both with `admission.typical_request_tokens`
 set, and a batch bound (`max_num_seqs`) above what either cache holds of requests that long.
 Each replica reads its engine's KV capacity once it has started and publishes it
-(`apps.capacity`); the ingress sizes each model's admission bound from it, logs the numbers and
+(`apps.admission.capacity`); the ingress sizes each model's admission bound from it, logs the numbers and
 exports the bound: the 2 GiB model's bound is twice the 1 GiB model's.
 """
 
@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from apps.admission import ONGOING_REQUESTS_HEADROOM
+from apps.admission.gate import ONGOING_REQUESTS_HEADROOM
 from tests.conftest import app_args, ingress_log_line, replica_log_lines, serve_app
 
 PORT = 18840

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from apps.kv_index import (
+from apps.routing.kv_index import (
     REMOVED,
     SNAPSHOT,
     STALE_AFTER_S,
@@ -24,8 +24,8 @@ from apps.kv_index import (
     KVIndex,
     prompt_block_hashes,
 )
-from apps.prompt_tokens import prompt_token_ids
-from apps.routing import CachedPrefixes, rank_by_cache
+from apps.routing.prompt_tokens import prompt_token_ids
+from apps.routing.router import CachedPrefixes, rank_by_cache
 from tests.test_routing import FakeId, FakeReplica
 
 BLOCK = 4
@@ -144,7 +144,7 @@ def test_a_replica_whose_mirror_went_silent_is_out_of_step(monkeypatch):
     index.apply("r1", 0, SNAPSHOT, BLOCKS)
     assert index.in_step("r1")
     later = time.monotonic() + STALE_AFTER_S + 1
-    monkeypatch.setattr("apps.kv_index.time.monotonic", lambda: later)
+    monkeypatch.setattr("apps.routing.kv_index.time.monotonic", lambda: later)
     assert not index.in_step("r1")
 
 
@@ -163,7 +163,10 @@ def test_replicas_that_are_gone_are_forgotten():
 def test_block_hashes_are_the_same_in_every_process():
     """The mirror (a model replica) and the router (an ingress) hash in different processes, with
     different hash seeds."""
-    code = "from apps.kv_index import prompt_block_hashes as h; print(h(list(range(100, 114)), 4, ('a',)))"
+    code = (
+        "from apps.routing.kv_index import prompt_block_hashes as h; "
+        "print(h(list(range(100, 114)), 4, ('a',)))"
+    )
     outputs = {
         subprocess.run(
             [sys.executable, "-c", code],

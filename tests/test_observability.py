@@ -35,7 +35,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from apps.auth import key_hash
+from apps.edge.auth import key_hash
 from tests.conftest import ROOT, app_args, replica_log_lines, serve_app, warm_up_and_first_request
 from tests.promql import ALERTS, alert_metric_names, dashboard_exprs, dashboard_metric_names
 

@@ -47,7 +47,7 @@ from ray import serve
 from ray.serve.schema import ApplicationStatus, ReplicaState
 
 from apps.applications import MODEL_IMPORT_PATH, deployment_name
-from apps.auth import key_hash
+from apps.edge.auth import key_hash
 from scripts.drill import COMPLETE, DrillReport, DrillSettings, DrillThread
 from tests.conftest import app_args
 from tests.conftest import serve_config as whole_serve_config

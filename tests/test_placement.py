@@ -11,8 +11,8 @@ import pytest
 
 from apps.builder import deployment_name, model_deployment_options, models_without_surge_room
 from apps.config import AppConfig, ConfigError, ModelConfig, ParallelismSettings, load_config
-from apps.placement import omp_threads_bind, placement_for, unplaceable_reason
-from apps.replica_policy import REPLICA_CEILING
+from apps.engine.placement import omp_threads_bind, placement_for, unplaceable_reason
+from apps.engine.replica_policy import REPLICA_CEILING
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
@@ -132,7 +132,7 @@ def test_deployment_options_autoscaling_and_kv_cache_env():
 
 
 def test_engine_args_follow_the_config_and_the_placement():
-    from apps.engine_args import engine_args
+    from apps.engine.engine_args import engine_args
 
     model = ModelConfig.model_validate(
         {
@@ -165,7 +165,7 @@ def test_autoscaling_defaults_come_from_the_engine_batch_and_serve_accepts_them(
     # Serve's bounds are never reached and its delays are 0: the policy applies the live sizing.
     assert (scaling.min_replicas, scaling.max_replicas) == (0, REPLICA_CEILING)
     assert (scaling.upscale_delay_s, scaling.downscale_delay_s, scaling.look_back_period_s) == (0, 0, 30)
-    assert scaling.policy.policy_function == "apps.replica_policy:LiveSizingPolicy"
+    assert scaling.policy.policy_function == "apps.engine.replica_policy:LiveSizingPolicy"
     sizing = sizing_of(options)
     assert (sizing["min_replicas"], sizing["max_replicas"]) == (0, 4)
     assert sizing["target_ongoing_requests"] == 48, "0.75 x max_num_seqs: scale before the batch is full"

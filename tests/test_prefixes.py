@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from apps.errors import InvalidRequest
-from apps.prefixes import (
+from apps.shaping.prefixes import (
     COMPLETION_SCAN_CHARS,
     VolatilePrefixWatch,
     apply_system_prompt,

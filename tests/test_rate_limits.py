@@ -8,9 +8,7 @@ import math
 
 import pytest
 
-from apps.config import ApiKey
-from apps.errors import InvalidRequest, RateLimited, error_body
-from apps.rate_limits import (
+from apps.admission.rate_limits import (
     CONCURRENCY_RETRY_AFTER_S,
     Decision,
     KeyLimits,
@@ -20,6 +18,8 @@ from apps.rate_limits import (
     rate_limit_error,
     ratelimit_headers,
 )
+from apps.config import ApiKey
+from apps.errors import InvalidRequest, RateLimited, error_body
 
 
 def api_key(name: str = "alice", **limits) -> ApiKey:

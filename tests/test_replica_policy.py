@@ -1,4 +1,4 @@
-"""The models' autoscaling policy (`apps.replica_policy`): live bounds apply at once, demand moves
+"""The models' autoscaling policy (`apps.engine.replica_policy`): live bounds apply at once, demand moves
 the count only after its delay, and the policy takes the published sizing only when it is newer
 than its deployment's build."""
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from apps import replica_policy
-from apps.capacity import CAPACITY_NAMESPACE, capacity_key
-from apps.replica_policy import LiveSizingPolicy, decide, kv_sized
+from apps.admission.capacity import CAPACITY_NAMESPACE, capacity_key
+from apps.engine import replica_policy
+from apps.engine.replica_policy import LiveSizingPolicy, decide, kv_sized
 
 AUTOSCALED = {
     "min_replicas": 1,

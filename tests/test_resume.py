@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from apps.resume import ResumedEvents, StreamIdentity, resume_refusal, stream_identity
-from apps.usage import Usage, _continued, _counted
+from apps.engine.usage import Usage, _continued, _counted
+from apps.routing.resume import ResumedEvents, StreamIdentity, resume_refusal, stream_identity
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 IDENTITY = StreamIdentity("chatcmpl-original", 1700000000)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from apps.endpoints import ENDPOINTS
-from apps.routing import (
+from apps.routing.router import (
     AVOID_KWARG,
     ROUTING_KWARG,
     PrefixAffinityRouter,

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from apps.prompt_tokens import prompt_token_ids
+from apps.routing.prompt_tokens import prompt_token_ids
 from scripts.prefix_routing import Workload, ideal_cached_tokens, run
 from tests.conftest import app_args, ingress_log_line, serve_app
 
@@ -156,7 +156,7 @@ def test_precise_routing_reaches_the_ideal_cache_reuse_of_a_multi_tenant_workloa
     ],
 )
 def test_the_router_tokenizes_a_prompt_as_the_engine_does(gateway, endpoint, path, body):
-    """The precise-prefix router's tokens (`apps.prompt_tokens`) against the engine's own."""
+    """The precise-prefix router's tokens (`apps.routing.prompt_tokens`) against the engine's own."""
     from transformers import AutoTokenizer
 
     expected = prompt_token_ids(AutoTokenizer.from_pretrained(TINY_CHAT), endpoint, body)

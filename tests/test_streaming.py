@@ -10,8 +10,7 @@ import contextlib
 
 import pytest
 
-from apps.errors import EngineRejected
-from apps.streaming import (
+from apps.edge.streaming import (
     LastChunk,
     RelayResponse,
     StreamEnd,
@@ -20,7 +19,8 @@ from apps.streaming import (
     first_event_error,
     translate_error_events,
 )
-from apps.usage import Usage
+from apps.engine.usage import Usage
+from apps.errors import EngineRejected
 
 
 async def collect(source):
@@ -248,7 +248,7 @@ def test_a_client_that_leaves_is_a_499_without_an_error_code_and_cancels_the_mod
 
 def test_each_message_carries_the_progress_of_its_last_event():
     """The model server's token count as each event was drained: a message's token ids are
-    exactly those whose events it holds (apps.resume)."""
+    exactly those whose events it holds (apps.routing.resume)."""
     count = 0
 
     async def counted():

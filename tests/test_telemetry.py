@@ -9,8 +9,14 @@ import logging
 
 import pytest
 
-from apps.telemetry import IN_FLIGHT, RECORD_SCOPE_KEY, RequestRecord, RequestTelemetry, access_line
-from apps.usage import Usage
+from apps.engine.usage import Usage
+from apps.observability.telemetry import (
+    IN_FLIGHT,
+    RECORD_SCOPE_KEY,
+    RequestRecord,
+    RequestTelemetry,
+    access_line,
+)
 
 
 def run(app, headers=()) -> tuple[RequestRecord, list[dict]]:

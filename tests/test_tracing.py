@@ -1,5 +1,5 @@
 """Tracing's switch and plumbing without Ray: the standard environment, the no-op when off, and a
-trace context carried from one span to a child made from it elsewhere (`apps.tracing`)."""
+trace context carried from one span to a child made from it elsewhere (`apps.observability.tracing`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from apps import tracing
 from apps.errors import Overloaded
+from apps.observability import tracing
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import RequestOutputKind
 
-from apps.usage import MeteredEngine, start_usage
+from apps.engine.usage import MeteredEngine, start_usage
 
 
 class FakeEngine:

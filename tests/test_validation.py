@@ -10,7 +10,7 @@ from starlette.requests import Request
 
 from apps.config import RequestLimits
 from apps.errors import BodyTimeout, ClientClosed, InvalidRequest, error_body
-from apps.validation import parse_body, prompt_estimate, read_body, requested_model, shape_request
+from apps.shaping.validation import parse_body, prompt_estimate, read_body, requested_model, shape_request
 
 LIMITS = RequestLimits(default_max_tokens=100, max_tokens_cap=200, max_n=3, max_stop_sequences=2)
 

@@ -11,7 +11,7 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
 
 from apps.config import ModelConfig
-from apps.warmup import WarmupFailed, warm_up
+from apps.engine.warmup import WarmupFailed, warm_up
 
 REQUEST_TYPES = {"chat": ChatCompletionRequest, "completion": CompletionRequest}
 

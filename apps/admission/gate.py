@@ -40,12 +40,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from apps.capacity import EngineCapacity
+from apps.admission.capacity import EngineCapacity
+from apps.admission.rate_limits import reservation_lease_s
 from apps.config import PRIORITIES, ModelConfig, Priority
 from apps.errors import DeadlineExceeded, Overloaded
-from apps.failover import ReplicaWatch
-from apps.rate_limits import reservation_lease_s
-from apps.routing import RoutingKnobs
+from apps.routing.failover import ReplicaWatch
+from apps.routing.router import RoutingKnobs
 
 # A replica may hold a few more requests than its engine batches, so the next batch is ready
 # the moment a sequence finishes; more than that would only queue inside the engine.

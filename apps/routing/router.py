@@ -13,17 +13,17 @@ The knobs are live settings: each call carries its model's current ones (`ROUTIN
 `RoutingKnobs`); the router's own (`initialize_state`) are the defaults for calls without.
 
 `precise_prefix` (`rank_by_cache`) goes further where the model's engines publish their KV-cache
-events (`apps.kv_index`): the prompt is tokenized as the engine will (`apps.prompt_tokens`), and
-the request goes to the replica whose engine holds the longest run of the prompt's leading blocks
-when that run is at least half the prompt, else (a prompt that shares only a preamble) to the
-replica whose cache holds the fewest blocks, among the replicas within `max_imbalance` of the
-least loaded. It falls back to the prefix hash for a prompt none of them holds the first block
+events (`apps.routing.kv_index`): the prompt is tokenized as the engine will
+(`apps.routing.prompt_tokens`), and the request goes to the replica whose engine holds the
+longest run of the prompt's leading blocks when that run is at least half the prompt, else (a
+prompt that shares only a preamble) to the replica whose cache holds the fewest blocks, among the
+replicas within `max_imbalance` of the least loaded. It falls back to the prefix hash for a prompt none of them holds the first block
 of, a prompt shorter than a block, a prompt or endpoint it does not tokenize, and while any
 replica's events or the tokenizer are not there yet.
 
 All policies run here (`power_of_two` skips the prefix and leaves the choice to Serve's
 least-loaded-of-two), so all honour the ingress's `avoid_replicas` hint: a request sent again
-after its replica's engine died (`apps.failover`) goes to another replica while one exists, where
+after its replica's engine died (`apps.routing.failover`) goes to another replica while one exists, where
 rendezvous hashing or a short queue would send it straight back.
 
 Why not Ray's `PrefixCacheAffinityRouter`: it reads the prompt from request objects' `messages` or
@@ -44,9 +44,9 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from apps import tracing
 from apps.endpoints import ENDPOINTS, EndpointSpec, first_prompt, message_text
-from apps.kv_index import (
+from apps.observability import tracing
+from apps.routing.kv_index import (
     BLOCK_SIZE_STAT,
     KV_EVENTS_STAT,
     TOKENIZER_STAT,
@@ -54,7 +54,7 @@ from apps.kv_index import (
     prompt_block_hashes,
     shared_subscriber,
 )
-from apps.prompt_tokens import loaded_tokenizer, prompt_token_ids
+from apps.routing.prompt_tokens import loaded_tokenizer, prompt_token_ids
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,7 +70,7 @@ ENDPOINT_ARG, BODY_ARG = 0, 1
 AVOID_KWARG = "avoid_replicas"
 # `ModelServer.generate`'s keyword argument carrying the model's routing knobs (`RoutingKnobs`).
 ROUTING_KWARG = "routing"
-# `ModelServer.generate`'s keyword argument carrying the call's trace context (`apps.tracing`).
+# `ModelServer.generate`'s keyword argument carrying the call's trace context (`apps.observability.tracing`).
 TRACE_KWARG = "trace"
 # `ModelServer.generate`'s keyword argument naming the LoRA adapter a call runs (`LoraAdapter`).
 ADAPTER_KWARG = "adapter"
@@ -101,7 +101,7 @@ class RoutingKnobs:
 
 @dataclass(frozen=True)
 class CachedPrefixes:
-    """A prompt's full KV blocks (`apps.kv_index` hashes), how many of the leading ones each
+    """A prompt's full KV blocks (`apps.routing.kv_index` hashes), how many of the leading ones each
     replica's engine holds, and how full each one's cache is (by replica id)."""
 
     blocks: list[BlockHash]

@@ -1,7 +1,7 @@
 """The wire between a model server and the ingress: accepted, one head, then raw bytes.
 
 A model server's `generate` yields `Accepted` as soon as a replica runs the call (so the ingress
-can tell waiting for a replica from waiting for the engine: `apps.failover`), then a
+can tell waiting for a replica from waiting for the engine: `apps.routing.failover`), then a
 `ResponseHead` (status, media type and the first bytes of the body), then `bytes` for the rest of
 a stream, the last of them as a `LastChunk`. The
 ingress thus knows the status before it sends a byte, moves bytes without parsing or
@@ -27,6 +27,7 @@ from ray.serve.handle import DeploymentResponseGenerator
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from apps.engine.usage import Usage
 from apps.errors import (
     CLIENT_CLOSED_REQUEST,
     JSON_MEDIA_TYPE,
@@ -39,9 +40,8 @@ from apps.errors import (
     error_json,
     model_call_error,
 )
-from apps.failover import is_lost_replica_code, is_replica_lost
-from apps.resume import MAX_RESUMES, StreamIdentity
-from apps.usage import Usage
+from apps.routing.failover import is_lost_replica_code, is_replica_lost
+from apps.routing.resume import MAX_RESUMES, StreamIdentity
 
 SSE_MEDIA_TYPE = "text/event-stream"
 # Proxies must not buffer or transform an event stream.
@@ -70,7 +70,7 @@ class ResponseHead:
     body: bytes
     usage: Usage | None = None  # when the head is the whole answer
     code: str | None = None  # an error answer's OpenAI error code
-    # A stream that may be resumed elsewhere (`apps.resume`): its identity and the ids of the
+    # A stream that may be resumed elsewhere (`apps.routing.resume`): its identity and the ids of the
     # tokens in `body`.
     identity: StreamIdentity | None = None
     token_ids: tuple[int, ...] = ()
@@ -220,7 +220,7 @@ class RelayResponse(StreamingResponse):
     or the deadline after the headers went out ends the stream with an error event. The deadline
     is one timer, not a check per chunk.
 
-    A resumable stream (`resume` given, `apps.resume`) keeps the ids of the tokens relayed so
+    A resumable stream (`resume` given, `apps.routing.resume`) keeps the ids of the tokens relayed so
     far; when its replica is lost, `resume(ids)` continues it on another replica (at most
     MAX_RESUMES times) and the relay goes on with that call's bytes.
     """

@@ -8,7 +8,7 @@ its first client warm. Two kinds of work:
   first request with log-probabilities took ~2 s on the tiny CPU model, against ~30 ms warm;
   the built-in request asks for them, so that path is warm too); and once through each LoRA
   adapter the model's application was built with (loaded by then);
-- the model's configured hot prompts and named system prompts (`apps.prefixes`), `repeat` times
+- the model's configured hot prompts and named system prompts (`apps.shaping.prefixes`), `repeat` times
   each, one token each: their prefixes land in the prefix cache, so clients that share them skip
   that part of the prefill.
 

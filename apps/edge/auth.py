@@ -4,7 +4,7 @@ Keys are stored only as SHA-256 hashes (a leaked config leaks no key); a caller 
 key's name from then on, in logs and metrics. With auth off every request is the anonymous caller,
 who may use every model and has no rate limits.
 
-    python -m apps.auth new NAME     a fresh random key, and the config entry that accepts it
+    python -m apps.edge.auth new NAME     a fresh random key, and the config entry that accepts it
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ SIZING_FIELDS = (
 )
 
 
-# Where `apps.capacity` keeps each model's engine KV capacity (this module may import nothing of
+# Where `apps.admission.capacity` keeps each model's engine KV capacity (this module may import nothing of
 # the gateway's; tests/test_replica_policy.py checks the two agree).
 CAPACITY_KEY_PREFIX = "engine-capacity/"
 CAPACITY_NAMESPACE = "llm-gateway"
@@ -65,7 +65,7 @@ def read_sizing() -> dict[str, Any] | None:
 
 def read_kv_sequences(model_id: str, typical_tokens: int) -> tuple[int, int] | None:
     """(requests of `typical_tokens` the model's engine KV cache holds, its max_num_seqs), as
-    its replicas published them (`apps.capacity`); None before any did."""
+    its replicas published them (`apps.admission.capacity`); None before any did."""
     from ray.experimental.internal_kv import _internal_kv_get
 
     raw = _internal_kv_get(f"{CAPACITY_KEY_PREFIX}{model_id}".encode(), namespace=CAPACITY_NAMESPACE)

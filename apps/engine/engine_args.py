@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from apps import tracing
 from apps.config import ModelConfig
-from apps.placement import Placement
+from apps.engine.placement import Placement
+from apps.observability import tracing
 
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -29,7 +29,7 @@ def engine_args(
     # into an embedding model.
     pooling = {"runner": "pooling", "convert": "auto"} if model.task != "generate" else {}
     lora = {}
-    if model.lora is not None:  # its adapters are loaded at runtime (`apps.model_server`)
+    if model.lora is not None:  # its adapters are loaded at runtime (`apps.engine.model_server`)
         lora = {
             "enable_lora": True,
             "max_loras": model.lora.max_loras,
@@ -56,13 +56,13 @@ def engine_args(
         enforce_eager=engine.enforce_eager,
         quantization=engine.quantization,
         speculative_config=speculative,
-        # The ingress orders the engine's own queue (`apps.admission`: class, then the key's
+        # The ingress orders the engine's own queue (`apps.admission.gate`: class, then the key's
         # backlog at the engines); under KV pressure vLLM preempts the worst-ranked request.
         scheduling_policy="priority",
         # Keep the engine's stats on: vLLM's Prometheus metrics (queue length, KV use, prefix
         # hits) are built from them. Exporting them from the replica is the metrics issue's job.
         disable_log_stats=False,
-        # With tracing on (`apps.tracing`), the engine's own request spans join each trace.
+        # With tracing on (`apps.observability.tracing`), the engine's own request spans join each trace.
         otlp_traces_endpoint=tracing.traces_endpoint(),
     )
 

@@ -11,13 +11,13 @@ An engine started with `engine.kv_cache_events` publishes, over ZMQ, every block
 - In each ingress process, a `KVEventSubscriber` (one SUB socket, one thread) follows the mirrors
   of the replicas its routers meet and keeps a `KVIndex`: per replica, the blocks it holds. An
   ingress replica that starts late, or loses messages, is in step again at the next snapshot; until
-  then the router routes that model by the prefix hash (`apps.routing`).
+  then the router routes that model by the prefix hash (`apps.routing.router`).
 
 Our hashes, not vLLM's: vLLM seeds its block hashes per process unless `PYTHONHASHSEED` is fixed
 on every engine, and they depend on its hash function. Here each stored block gets a hash chained
 like vLLM's, over (our hash of the parent block, the block's extra key such as a LoRA name, the
 block's tokens). A tuple of ints hashes the same in every process, so the mirror and the router
-(`prompt_block_hashes` over the prompt tokenized as the engine does, `apps.prompt_tokens`) agree.
+(`prompt_block_hashes` over the prompt tokenized as the engine does, `apps.routing.prompt_tokens`) agree.
 The mirror can chain every block because it has seen every parent since the engine started.
 """
 

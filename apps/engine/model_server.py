@@ -1,12 +1,12 @@
 """The model server: one Ray Serve replica holding one vLLM `AsyncLLM` engine.
 
 Chat and text completions go through vLLM's own OpenAI serving layer (chat templates, sampling
-parameters, stop sequences, usage); this class only adapts it to the wire of `apps.streaming`:
+parameters, stop sequences, usage); this class only adapts it to the wire of `apps.edge.streaming`:
 a `ResponseHead`, then raw SSE bytes. Serve calls `check_health` periodically; it fails once the
 engine is dead, and Serve then replaces the replica.
 
 A request the rate limiter reserved tokens for is settled here, with the engine's real count
-(`apps.usage`), however it ends: a finished request before its last bytes leave (so the refund is
+(`apps.engine.usage`), however it ends: a finished request before its last bytes leave (so the refund is
 visible by the time the client could send its next request), a failed or cancelled one at once.
 """
 
@@ -31,30 +31,11 @@ from ray.serve.handle import DeploymentHandle
 from starlette.responses import Response as StarletteResponse
 from starlette.responses import StreamingResponse
 
-from apps import tracing
+from apps.admission.capacity import EngineCapacity, publish_capacity
+from apps.admission.rate_limits import Settler
 from apps.applications import GATEWAY_APP, LIMITER_DEPLOYMENT
-from apps.capacity import EngineCapacity, publish_capacity
 from apps.config import LoraAdapter, ModelConfig
-from apps.endpoints import ENDPOINTS, Endpoint, EndpointSpec
-from apps.engine_args import engine_args
-from apps.errors import (
-    JSON_MEDIA_TYPE,
-    EngineUnavailable,
-    ErrorStyle,
-    GatewayError,
-    InternalError,
-    InvalidRequest,
-    engine_error,
-    error_event,
-)
-from apps.failover import is_replica_lost
-from apps.kv_index import BLOCK_SIZE_STAT, KV_EVENTS_STAT, TOKENIZER_STAT, KVCacheMirror
-from apps.metrics import UNAUTHENTICATED, model_server_metrics
-from apps.placement import omp_threads_bind, placement_for
-from apps.rate_limits import Settler
-from apps.resume import Resume, ResumedEvents, resume_refusal, stream_identity
-from apps.routing import RoutingKnobs
-from apps.streaming import (
+from apps.edge.streaming import (
     SSE_MEDIA_TYPE,
     Accepted,
     LastChunk,
@@ -66,8 +47,27 @@ from apps.streaming import (
     first_event_error,
     translate_error_events,
 )
-from apps.usage import MeteredEngine, Usage, start_usage
-from apps.warmup import warm_up
+from apps.endpoints import ENDPOINTS, Endpoint, EndpointSpec
+from apps.engine.engine_args import engine_args
+from apps.engine.placement import omp_threads_bind, placement_for
+from apps.engine.usage import MeteredEngine, Usage, start_usage
+from apps.engine.warmup import warm_up
+from apps.errors import (
+    JSON_MEDIA_TYPE,
+    EngineUnavailable,
+    ErrorStyle,
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    engine_error,
+    error_event,
+)
+from apps.observability import tracing
+from apps.observability.metrics import UNAUTHENTICATED, model_server_metrics
+from apps.routing.failover import is_replica_lost
+from apps.routing.kv_index import BLOCK_SIZE_STAT, KV_EVENTS_STAT, TOKENIZER_STAT, KVCacheMirror
+from apps.routing.resume import Resume, ResumedEvents, resume_refusal, stream_identity
+from apps.routing.router import RoutingKnobs
 
 logger = logging.getLogger("ray.serve")
 # OpenAI request fields vLLM does not know but that change nothing in the answer (bookkeeping for
@@ -77,7 +77,7 @@ IGNORED_OPENAI_FIELDS = frozenset(
     {"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"}
 )
 # Fields the ingress sets (a client's own are refused there): the engine scheduling priority
-# (`apps.admission`), dropped where vLLM's protocol has none (Messages, tokenize).
+# (`apps.admission.gate`), dropped where vLLM's protocol has none (Messages, tokenize).
 GATEWAY_FIELDS = frozenset({"priority"})
 # The last event of every vLLM stream.
 DONE_EVENT = b"data: [DONE]\n\n"
@@ -117,7 +117,7 @@ class ModelServer:
             # vLLM's own span exporter reads only this variable, and defaults to grpc.
             os.environ.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", tracing.protocol())
         replica_id = serve.get_replica_context().replica_id.unique_id
-        # For the precise-prefix router (`apps.kv_index`), in this replica's routing stats.
+        # For the precise-prefix router (`apps.routing.kv_index`), in this replica's routing stats.
         self._routing_stats: dict[str, Any] = {}
         kv_events = None
         if model.engine.kv_cache_events:
@@ -139,7 +139,7 @@ class ModelServer:
             log_stats=not args.disable_log_stats,
             usage_context=UsageContext.OPENAI_API_SERVER,
             # The engine's own metrics (scheduler queue, KV cache, prefix cache, speculative
-            # decoding) exported through Ray's metrics agent, like the gateway's (apps.metrics).
+            # decoding) exported through Ray's metrics agent, like the gateway's (apps.observability.metrics).
             stat_loggers=[RayPrometheusStatLogger],
         )
         state = State()
@@ -183,13 +183,13 @@ class ModelServer:
     ) -> AsyncIterator[Accepted | ResponseHead | bytes | TokenChunk | LastChunk]:
         """Run one OpenAI request; yields `Accepted`, a `ResponseHead`, then (streams only) SSE
         bytes, the last of them as a `LastChunk`; a resumable stream's messages are `TokenChunk`s
-        (`apps.resume`). `reservation`: the rate limiter's, settled here with the tokens really
+        (`apps.routing.resume`). `reservation`: the rate limiter's, settled here with the tokens really
         used (except when this engine is dead: the ingress then calls another replica with the
         same reservation). `key`: the caller's key name, for the token metrics. `resume`: continue
         a stream another replica started. `avoid_replicas`, `routing`: read by the request
-        router (`apps.routing`), not here. `max_prompt_tokens`: the model's prompt cap (live).
+        router (`apps.routing.router`), not here. `max_prompt_tokens`: the model's prompt cap (live).
         `adapter`: the LoRA adapter the body's `model` names (live), loaded here if it is not.
-        `trace`: the call's trace context (`apps.tracing`), continued here and by the engine."""
+        `trace`: the call's trace context (`apps.observability.tracing`), continued here and by the engine."""
         yield self._accepted
         model_id = adapter.name if adapter else self._model.id
         span = tracing.child(trace, "model_server", self._span_attributes(endpoint, model_id, resume))
@@ -462,7 +462,7 @@ class ModelServer:
 
     async def _publish_capacity(self, model: ModelConfig) -> None:
         """Log the KV capacity the engine sized itself to, and publish it for the ingress's
-        admission bound (`apps.capacity`); a failure to publish is logged, and the replica serves
+        admission bound (`apps.admission.capacity`); a failure to publish is logged, and the replica serves
         (the ingress keeps its last bound)."""
         cache = self._engine.vllm_config.cache_config
         if not cache.num_gpu_blocks:
@@ -491,7 +491,7 @@ class ModelServer:
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve's periodic report of this replica to the routers of its callers: where its KV-cache
-        mirror publishes what its engine holds, when it does (`apps.kv_index`)."""
+        mirror publishes what its engine holds, when it does (`apps.routing.kv_index`)."""
         return self._routing_stats
 
     async def check_health(self) -> None:

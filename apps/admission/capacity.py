@@ -7,8 +7,8 @@ memory for it, a bigger context window does not change it. Each model replica pu
 engine's capacity to Ray's internal KV store when it has started (one key per model: replicas of
 one model have the same engine arguments and, on like hardware, the same capacity); the ingress
 reads it and sizes the model's admission bound from it when the model's
-`admission.typical_request_tokens` is set (`apps.admission.replica_concurrency`), and the
-autoscaling policy its target (`apps.replica_policy`).
+`admission.typical_request_tokens` is set (`apps.admission.gate.replica_concurrency`), and the
+autoscaling policy its target (`apps.engine.replica_policy`).
 """
 
 from __future__ import annotations

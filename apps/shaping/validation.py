@@ -7,7 +7,7 @@ the request's token cost. Every check the gateway itself decides on is here:
 
 Everything else (messages, sampling parameters) is validated by vLLM's own protocol models
 in the model server, and its 4xx answers are passed on unchanged in status and message; the exact
-prompt-length cap is checked there too, on the real token count (`apps.model_server`).
+prompt-length cap is checked there too, on the real token count (`apps.engine.model_server`).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def shape_request(
             "Beam search is not supported here.", param="use_beam_search", code="unsupported_parameter"
         )
     if "priority" in body:
-        # vLLM's scheduling priority is the gateway's to set (`apps.admission`), from the key.
+        # vLLM's scheduling priority is the gateway's to set (`apps.admission.gate`), from the key.
         raise InvalidRequest(
             "`priority` is set by the gateway from the API key's priority class and its share "
             "of the model; a key of a higher class gets higher priority.",

@@ -1,7 +1,7 @@
 """A request's prompt as the engine will see it, in tokens, for routing on cached KV blocks.
 
-The precise-prefix router (`apps.routing`) matches a prompt's blocks against what each engine
-caches (`apps.kv_index`), so it needs the prompt's token ids before the engine has them: the chat
+The precise-prefix router (`apps.routing.router`) matches a prompt's blocks against what each engine
+caches (`apps.routing.kv_index`), so it needs the prompt's token ids before the engine has them: the chat
 template rendered and the text tokenized as vLLM's OpenAI layer does (the suite checks the ids
 against the engine's own, tests/test_routing_cache.py). Other endpoints route by the prefix hash.
 

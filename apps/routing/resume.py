@@ -9,7 +9,7 @@ the ids generated so far, with the remaining `max_tokens`. So, for a resumable s
 - when the replica is lost mid-stream, the ingress calls another replica with the same body and a
   `Resume` (the ids the client received, the identity);
 - that replica renders the same prompt (same template, same ids), appends the received ids
-  (`apps.usage.MeteredEngine`), generates the rest, and `ResumedEvents` rewrites its events: no
+  (`apps.engine.usage.MeteredEngine`), generates the rest, and `ResumedEvents` rewrites its events: no
   second role event, the original `id` and `created`, usage counted from the original prompt.
 
 What cannot continue exactly is refused up front (`resume_refusal`) and ends, as before, with an

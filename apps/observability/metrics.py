@@ -89,7 +89,7 @@ class IngressMetrics:
         self.fair_share_overtakes = metrics.Counter(
             "gateway_fair_share_overtakes",
             "Requests given a freed slot ahead of an earlier waiter of another key of their "
-            "priority class, because their key had been served less (`apps.admission`).",
+            "priority class, because their key had been served less (`apps.admission.gate`).",
             tag_keys=MODEL_KEY,
         )
         self.queue_depth = metrics.Gauge(

@@ -31,12 +31,12 @@ class Usage:
     completion_tokens: int = 0
     # Engine calls whose outputs arrive only when they finish, and have not: tokens unknown.
     unfinished_final_only: int = 0
-    # The generated token ids, in order, when the request may be resumed elsewhere (`apps.resume`).
+    # The generated token ids, in order, when the request may be resumed elsewhere (`apps.routing.resume`).
     output_token_ids: list[int] | None = None
     # Of completion_tokens, those another replica generated before this one resumed the stream:
     # the client is charged for them once (here); this engine prefilled them as prompt.
     resumed_tokens: int = 0
-    # What the engine reported besides counts, for the request's trace (`apps.tracing`): prompt
+    # What the engine reported besides counts, for the request's trace (`apps.observability.tracing`): prompt
     # tokens served from the prefix cache, when the first token came (time.monotonic()), and why
     # the first choice finished.
     cached_tokens: int = 0
@@ -74,7 +74,7 @@ def start_usage(
     `track_ids`: keep the generated ids. `resume`: ids generated elsewhere that the engine call
     continues from (appended to its prompt; they count as this request's output).
     `max_prompt_tokens`: the model's prompt cap (a live setting, so it comes with the request).
-    `trace_headers`: the request's trace context, handed to the engine (`apps.tracing`)."""
+    `trace_headers`: the request's trace context, handed to the engine (`apps.observability.tracing`)."""
     usage = Usage(output_token_ids=[] if track_ids or resume is not None else None)
     _current_usage.set(usage)
     _current_resume.set(resume)

@@ -55,7 +55,7 @@ DEFAULT_HEADER_TIMEOUT_S = 10
 HAPROXY_ENV = "LLM_GATEWAY_HAPROXY_BINARY"
 FRONTEND = "frontend http_frontend"
 # Marks a configuration this wrapper has guarded.
-MARKER = "# llm-gateway (apps/connection_guard.py)"
+MARKER = "# llm-gateway (apps/edge/connection_guard.py)"
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from apps import tracing
 from apps.applications import deployment_name
 from apps.endpoints import endpoint_of
+from apps.engine.usage import Usage
 from apps.errors import CLIENT_CLOSED_REQUEST
-from apps.metrics import NO_MODEL, UNAUTHENTICATED, ingress_metrics
-from apps.usage import Usage
+from apps.observability import tracing
+from apps.observability.metrics import NO_MODEL, UNAUTHENTICATED, ingress_metrics
 
 if TYPE_CHECKING:
-    from apps.admission import ModelRoute
+    from apps.admission.gate import ModelRoute
 
 logger = logging.getLogger("ray.serve")
 RECORD_SCOPE_KEY = "gateway.request_record"
@@ -64,7 +64,7 @@ class RequestRecord:
     usage: Usage | None = None
     first_byte: float | None = None
     last_byte: float | None = None
-    span: Any = None  # the request's trace span (`apps.tracing`); None when tracing is off
+    span: Any = None  # the request's trace span (`apps.observability.tracing`); None when tracing is off
     relay: tracing.Span | tracing.NoSpan = tracing.NO_SPAN  # from the answer's head to its last byte
 
     def admit(self, queue_wait_s: float) -> None:
@@ -207,7 +207,7 @@ def access_line(record: RequestRecord) -> str:
         "queue_ms": "-" if record.queue_wait_s is None else f"{record.queue_wait_s * 1000:.1f}",
         "ttft_ms": ms(record.first_byte),
         "total_ms": ms(record.last_byte),
-        "trace_id": tracing.trace_id(record.span) or "-",  # `apps.tracing`: - when off
+        "trace_id": tracing.trace_id(record.span) or "-",  # `apps.observability.tracing`: - when off
     }
     return "access " + " ".join(f"{name}={value}" for name, value in fields.items())
 

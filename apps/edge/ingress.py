@@ -17,16 +17,16 @@ Every POST endpoint is a row of `apps.endpoints.ENDPOINTS` and takes the same wa
     -> wait for a slot of the model (503 when full, shed or out of time)
     -> call the model server: a replica accepts within the queue timeout (else 503
        engine_unavailable), its head comes within the time-to-first-token timeout (504); a call
-       whose replica is lost before its head is sent again to another (`apps.failover`)
+       whose replica is lost before its head is sent again to another (`apps.routing.failover`)
     -> relay the body until the total timeout; a resumable stream whose replica is lost
-       continues on another replica (`apps.resume`)
+       continues on another replica (`apps.routing.resume`)
 
 The status is known before the first byte (the model server's `ResponseHead`); after it, body
 bytes are relayed as they come, never parsed. Every error is OpenAI's error object (Anthropic's
 on /v1/messages), and every
 answer to a rate-limited key from the reservation on (admitted, or refused with 429) carries
 its `x-ratelimit-*` headers. Every request leaves its metrics and an access-log line
-(`apps.telemetry`), whatever its outcome.
+(`apps.observability.telemetry`), whatever its outcome.
 """
 
 from __future__ import annotations
@@ -47,12 +47,13 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.schema import ReplicaState, ServeStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from apps import tracing
-from apps.admission import ModelRoute, Slot, replica_concurrency, until
+from apps.admission.capacity import EngineCapacity, read_capacity
+from apps.admission.gate import ModelRoute, Slot, replica_concurrency, until
+from apps.admission.rate_limits import Settler, rate_limit_error, ratelimit_headers
 from apps.applications import deployment_name
-from apps.auth import Caller
-from apps.capacity import EngineCapacity, read_capacity
 from apps.config import AppConfig, LoraAdapter, ModelConfig
+from apps.edge.auth import Caller
+from apps.edge.streaming import SSE_MEDIA_TYPE, Accepted, RelayResponse, ResponseHead, StreamEnd
 from apps.endpoints import ENDPOINTS_BY_PATH, EndpointSpec, endpoint_of, error_style
 from apps.errors import (
     DeadlineExceeded,
@@ -68,20 +69,19 @@ from apps.errors import (
     never_reached_model,
     retry_after_headers,
 )
-from apps.failover import (
+from apps.live import SettingsWatch, live_settings, starting_settings
+from apps.observability import tracing
+from apps.observability.metrics import ingress_metrics
+from apps.observability.telemetry import RequestRecord, RequestTelemetry, export_gauges, request_record
+from apps.routing.failover import (
     MAX_ATTEMPTS,
     RETRY_ACCEPT_GRACE_S,
     is_lost_replica_code,
     is_replica_lost,
 )
-from apps.live import SettingsWatch, live_settings, starting_settings
-from apps.metrics import ingress_metrics
-from apps.prefixes import apply_system_prompt
-from apps.rate_limits import Settler, rate_limit_error, ratelimit_headers
-from apps.resume import Resume, StreamIdentity
-from apps.streaming import SSE_MEDIA_TYPE, Accepted, RelayResponse, ResponseHead, StreamEnd
-from apps.telemetry import RequestRecord, RequestTelemetry, export_gauges, request_record
-from apps.validation import (
+from apps.routing.resume import Resume, StreamIdentity
+from apps.shaping.prefixes import apply_system_prompt
+from apps.shaping.validation import (
     ShapedRequest,
     parse_body,
     read_body,
@@ -96,7 +96,7 @@ BACKSTOP_SETTLE_DELAY_S = 5.0
 # A reservation call that takes longer means the limiter is down or restarting: 503, not a hang.
 LIMITER_TIMEOUT_S = 5.0
 LATE_UNDO_DELAY_S = 1.0
-# How often the ingress reads the KV capacity the model replicas published (`apps.capacity`).
+# How often the ingress reads the KV capacity the model replicas published (`apps.admission.capacity`).
 CAPACITY_POLL_S = 5.0
 
 
@@ -212,7 +212,7 @@ class Ingress:
 
     async def _watch_capacities(self) -> None:
         """Forever: read the KV capacity the engines of each model sized by it published
-        (`apps.capacity`), and size its gate anew when it changed."""
+        (`apps.admission.capacity`), and size its gate anew when it changed."""
         while True:
             try:
                 models = [m for m in self._live.config.models if m.admission.typical_request_tokens]
@@ -385,7 +385,7 @@ class Ingress:
         record.admit(loop.time() - queued)
         if slot.overtook:
             self._metrics.fair_share_overtakes.inc(tags={"model": route.config.id, "key": caller.name})
-        # The engine orders its own short queue by this (`apps.admission`); a client's own
+        # The engine orders its own short queue by this (`apps.admission.gate`); a client's own
         # `priority` field was refused when the request was shaped.
         body = call.shaped.body | {"priority": slot.engine_priority}
         call = dataclasses.replace(call, shaped=dataclasses.replace(call.shaped, body=body))
@@ -425,7 +425,7 @@ class Ingress:
         due: float | None,
         token_ids: tuple[int, ...],
     ) -> tuple[DeploymentResponseGenerator, ResponseHead]:
-        """Continue a stream whose replica was lost after `token_ids` (`apps.resume`), on a
+        """Continue a stream whose replica was lost after `token_ids` (`apps.routing.resume`), on a
         replica not in `lost` (the replicas this stream has lost so far, updated here)."""
         model_id = call.shaped.model_id
         call.route.replicas.lost()
@@ -449,13 +449,13 @@ class Ingress:
         resume_due: float | None = None,
         avoid: frozenset[str] = frozenset(),
     ) -> tuple[DeploymentResponseGenerator, ResponseHead, str]:
-        """Call the model until a replica answers with a head (`apps.failover`): a replica that is
+        """Call the model until a replica answers with a head (`apps.routing.failover`): a replica that is
         lost before its head is replaced by another call, at most MAX_ATTEMPTS in all, which the
         router sends to another replica (`avoid`: replicas already lost for this request); the
         wait for a replica to accept is bounded by the queue deadline. Returns the call's stream,
         its head and the replica's id; raises the answer's error.
 
-        `resume`: continue a stream whose replica was lost (`apps.resume`), due by `resume_due`;
+        `resume`: continue a stream whose replica was lost (`apps.routing.resume`), due by `resume_due`;
         a replica must accept it at once (the client is mid-stream), and its error answer is
         raised. The reservation is then left to the stream's end."""
         route, shaped, record, reservation = call.route, call.shaped, call.record, call.reservation

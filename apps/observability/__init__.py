@@ -1,0 +1,1 @@
+"""Account: metric definitions, per-request timings and the access log, OpenTelemetry traces."""
