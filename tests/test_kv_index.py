@@ -5,10 +5,12 @@ Event dicts are shaped as vLLM 0.32 publishes them (msgpack-decoded `BlockStored
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from apps.routing.kv_index import (
     prompt_block_hashes,
 )
 from apps.routing.prompt_tokens import prompt_token_ids
-from apps.routing.router import CachedPrefixes, rank_by_cache
+from apps.routing.router import CachedPrefixes, PrefixAffinityRouter, RoutingKnobs, rank_by_cache
 from tests.test_routing import FakeId, FakeReplica
 
 BLOCK = 4
@@ -332,3 +334,129 @@ def test_a_completion_is_tokenized_with_its_special_tokens_and_others_are_not_to
     )
     assert prompt_token_ids(tokenizer, "embeddings", {"input": "Once upon"}) is None
     assert prompt_token_ids(tokenizer, "chat", {"messages": "not a list"}) is None
+
+
+def test_a_mirror_that_lost_engine_batches_stops_and_lets_go_of_its_sockets():
+    import msgspec
+    import zmq
+
+    mirror = KVCacheMirror("replica-with-a-gap")
+    engine_socket = zmq.Context.instance().socket(zmq.PUB)
+    engine_socket.bind(mirror.engine_endpoint)
+    time.sleep(1)  # the mirror's connection (ZMQ retries every 100 ms)
+    for seq in (0, 2):  # batch 1 lost
+        events = [stored([900 + seq], None, [seq] * BLOCK)]
+        engine_socket.send_multipart(
+            (b"", seq.to_bytes(8, "big"), msgspec.msgpack.encode([0.0, events, None]))
+        )
+    mirror._thread.join(timeout=10)
+    assert not mirror._thread.is_alive()
+    assert len(mirror.blocks.held) == 1  # batch 2 was not applied
+    engine_socket.close()
+    os.unlink(mirror.engine_endpoint.removeprefix("ipc://"))
+
+
+@dataclass(frozen=True)
+class StatsReplica:
+    replica_id: FakeId
+    routing_stats: dict
+    max_ongoing_requests: int = 8
+
+
+@dataclass
+class Pending:
+    args: list
+    kwargs: dict
+
+
+class FakeSubscriber:
+    def __init__(self, index: KVIndex) -> None:
+        self.index = index
+        self.followed: dict[str, dict] = {}
+
+    def follow(self, follower: str, replicas: dict) -> None:
+        self.followed[follower] = replicas
+
+    def unfollow(self, follower: str) -> None:
+        self.followed.pop(follower, None)
+
+    def in_step(self, replica_id: str) -> bool:
+        return self.index.in_step(replica_id)
+
+
+@pytest.fixture
+def precise(monkeypatch):
+    """A router on precise_prefix with two replicas that publish events, a fake subscriber and
+    a fake tokenizer (the prompt's ids are PROMPT); yields (router, index, tokenizations)."""
+    from apps.routing import router as router_module
+    from tests.test_routing import FakeQueueLengths
+
+    index = KVIndex()
+    tokenizations = []
+
+    def token_ids(tokenizer, endpoint, body):
+        tokenizations.append(endpoint)
+        return PROMPT
+
+    monkeypatch.setattr(router_module, "shared_subscriber", lambda: FakeSubscriber(index))
+    monkeypatch.setattr(router_module, "loaded_tokenizer", lambda path: object())
+    monkeypatch.setattr(router_module, "prompt_token_ids", token_ids)
+    instance = object.__new__(PrefixAffinityRouter)
+    instance.initialize_state()
+    instance._replica_queue_len_cache = FakeQueueLengths({"r1": 0, "r2": 0})
+    return instance, index, tokenizations
+
+
+def route(instance, replicas) -> tuple[list[str], Pending]:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 600}]}
+    request = Pending(["chat", body], {"routing": RoutingKnobs(precise_prefix=True)})
+    ranks = asyncio.run(instance.choose_replicas(replicas, request))
+    return [r.replica_id.unique_id for r in ranks[0]], request
+
+
+def publishing(*names: str) -> list[StatsReplica]:
+    stats = {"kv_events": "tcp://127.0.0.1:1", "block_size": BLOCK, "tokenizer": "/nowhere"}
+    return [StatsReplica(FakeId(name), stats) for name in names]
+
+
+def test_precise_routing_sends_a_prompt_to_the_replica_caching_it(precise):
+    instance, index, _ = precise
+    index.apply("r1", 0, SNAPSHOT, [])
+    index.apply("r2", 0, SNAPSHOT, BLOCKS)
+    assert route(instance, publishing("r1", "r2"))[0] == ["r2"]
+
+
+def test_a_replica_out_of_step_takes_part_with_an_unknown_cache(precise):
+    instance, index, _ = precise
+    index.apply("r1", 0, SNAPSHOT, BLOCKS[:1])  # r2 has sent no snapshot yet
+    # Only a preamble's worth cached on r1: the emptiest known cache, never the unknown one.
+    assert route(instance, publishing("r1", "r2"))[0] == ["r1"]
+
+
+def test_without_any_replica_in_step_the_prefix_hash_routes(precise):
+    instance, _, tokenizations = precise
+    first, _ = route(instance, publishing("r1", "r2"))
+    assert len(first) == 1 and tokenizations == []
+
+
+def test_a_fault_in_precise_routing_falls_back_to_the_prefix_hash(precise, monkeypatch):
+    instance, index, _ = precise
+    index.apply("r1", 0, SNAPSHOT, BLOCKS)
+    index.apply("r2", 0, SNAPSHOT, [])
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(instance, "_prompt_blocks", broken)
+    first, _ = route(instance, publishing("r1", "r2"))
+    assert len(first) == 1
+
+
+def test_a_request_routed_again_is_tokenized_once(precise):
+    instance, index, tokenizations = precise
+    index.apply("r1", 0, SNAPSHOT, BLOCKS)
+    index.apply("r2", 0, SNAPSHOT, [])
+    replicas = publishing("r1", "r2")
+    _, request = route(instance, replicas)
+    asyncio.run(instance.choose_replicas(replicas, request))  # Serve's next pass, all replicas full
+    assert tokenizations == ["chat"]

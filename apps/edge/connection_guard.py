@@ -56,6 +56,8 @@ HAPROXY_ENV = "LLM_GATEWAY_HAPROXY_BINARY"
 FRONTEND = "frontend http_frontend"
 # Marks a configuration this wrapper has guarded.
 MARKER = "# llm-gateway (apps/edge/connection_guard.py)"
+# What every marker this wrapper ever wrote starts with (it named the module's path, which moved).
+MARKER_START = "# llm-gateway ("
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def guarded_config(text: str, guards: Guards) -> str:
         raise FrontendNotFound(f"'global' or {FRONTEND!r}") from None
     if not lines[bind].strip().startswith("bind "):
         raise FrontendNotFound(f"{FRONTEND} has no bind line")
-    if MARKER in text:  # guarded already (HAProxy started again on the same file)
+    if MARKER_START in text:  # guarded already (HAProxy started again on the same file)
         return text
     cap, buffer = guards.max_connections_per_client, guards.connection_buffer_bytes
     tuning = []

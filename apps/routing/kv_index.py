@@ -11,7 +11,7 @@ An engine started with `engine.kv_cache_events` publishes, over ZMQ, every block
 - In each ingress process, a `KVEventSubscriber` (one SUB socket, one thread) follows the mirrors
   of the replicas its routers meet and keeps a `KVIndex`: per replica, the blocks it holds. An
   ingress replica that starts late, or loses messages, is in step again at the next snapshot; until
-  then the router routes that model by the prefix hash (`apps.routing.router`).
+  then the router counts that replica's cache as unknown (`apps.routing.router`).
 
 Our hashes, not vLLM's: vLLM seeds its block hashes per process unless `PYTHONHASHSEED` is fixed
 on every engine, and they depend on its hash function. Here each stored block gets a hash chained
@@ -174,8 +174,8 @@ class KVCacheMirror:
 
     A lost engine batch cannot be made good (vLLM re-reports a block only when it is stored again,
     and a hot block never is): the mirror then says so in its log and stops publishing, so the
-    ingress replicas find it stale and route the model by the prefix hash until this replica is
-    replaced."""
+    ingress replicas find it stale and count this replica's cache as unknown until it is replaced.
+    (vLLM's publisher can replay recent batches on a `replay_endpoint`; not used here.)"""
 
     def __init__(self, replica_id: str) -> None:
         from ray.util import get_node_ip_address
@@ -206,15 +206,24 @@ class KVCacheMirror:
             self._ready.set()
 
     def _mirror(self) -> None:
-        import msgspec
         import zmq
 
         context = zmq.Context.instance()
         engine = context.socket(zmq.SUB)
+        publisher = context.socket(zmq.PUB)
+        try:
+            self._republish(engine, publisher)
+        finally:  # a stopped mirror holds no engine batches and no port
+            engine.close(linger=0)
+            publisher.close(linger=0)
+
+    def _republish(self, engine: Any, publisher: Any) -> None:
+        import msgspec
+        import zmq
+
         engine.setsockopt(zmq.RCVHWM, ENGINE_QUEUE)
         engine.setsockopt(zmq.SUBSCRIBE, b"")
         engine.connect(self.engine_endpoint)
-        publisher = context.socket(zmq.PUB)
         port = publisher.bind_to_random_port("tcp://*")
         self.endpoint = f"tcp://{self._host}:{port}"
         self._ready.set()
@@ -233,8 +242,8 @@ class KVCacheMirror:
                 for _, batch_seq, payload in waiting_messages(engine):
                     if batch_seq != next_engine_seq:
                         logger.error(
-                            "KV events of replica %s: engine batches %d to %d were lost; routing on "
-                            "this model's KV-cache events is off until this replica is replaced",
+                            "KV events of replica %s: engine batches %d to %d were lost; routers "
+                            "count this replica's cache as unknown until it is replaced",
                             self.replica_id,
                             next_engine_seq,
                             batch_seq - 1,
@@ -353,6 +362,10 @@ class KVEventSubscriber:
         with self._lock:
             if self._wanted.get(follower) != replicas:
                 self._wanted[follower] = dict(replicas)
+
+    def unfollow(self, follower: str) -> None:
+        with self._lock:
+            self._wanted.pop(follower, None)
 
     def in_step(self, replica_id: str) -> bool:
         """Whether this process knows what the replica's cache holds (`KVIndex.in_step`)."""

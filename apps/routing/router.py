@@ -17,9 +17,10 @@ events (`apps.routing.kv_index`): the prompt is tokenized as the engine will
 (`apps.routing.prompt_tokens`), and the request goes to the replica whose engine holds the
 longest run of the prompt's leading blocks when that run is at least half the prompt, else (a
 prompt that shares only a preamble) to the replica whose cache holds the fewest blocks, among the
-replicas within `max_imbalance` of the least loaded. It falls back to the prefix hash for a prompt none of them holds the first block
-of, a prompt shorter than a block, a prompt or endpoint it does not tokenize, and while any
-replica's events or the tokenizer are not there yet.
+replicas within `max_imbalance` of the least loaded. It falls back to the prefix hash for a
+prompt none of them holds the first block of, a prompt shorter than a block, a prompt or endpoint
+it does not tokenize, and while no replica's events or the tokenizer are there yet; a replica
+whose events are not (yet) in step takes part with an unknown cache.
 
 All policies run here (`power_of_two` skips the prefix and leaves the choice to Serve's
 least-loaded-of-two), so all honour the ingress's `avoid_replicas` hint: a request sent again
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import weakref
 import zlib
@@ -107,6 +109,7 @@ class CachedPrefixes:
     blocks: list[BlockHash]
     cached: dict[str, int]
     occupancy: dict[str, int]  # blocks each replica's cache holds in all
+    # Replicas missing from both are out of step: their caches are unknown.
 
 
 class PrefixAffinityRouter(RequestRouter):
@@ -121,6 +124,7 @@ class PrefixAffinityRouter(RequestRouter):
         self._defaults = RoutingKnobs(prefix_affinity, prefix_chars, max_imbalance)
         self._prompt_blocks_kept: OrderedDict[int, tuple[weakref.ref, list[BlockHash]]] = OrderedDict()
         self._precise_logged = False  # "routing on KV-cache events" is logged once per router
+        self._following = False  # whether this router follows replicas' KV events (`apps.routing.kv_index`)
 
     async def choose_replicas(
         self,
@@ -129,7 +133,10 @@ class PrefixAffinityRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         cached = None
         if pending_request is not None and getattr(self._knobs(pending_request), "precise_prefix", False):
-            cached = await self._cached_prefixes(candidate_replicas, pending_request)
+            try:
+                cached = await self._cached_prefixes(candidate_replicas, pending_request)
+            except Exception:  # Serve drops a request whose routing raised: use the prefix hash
+                logger.exception("Precise-prefix routing failed; routing by the prefix hash")
         ranks, reason = self._rank(candidate_replicas, pending_request, cached)
         trace = pending_request.kwargs.get(TRACE_KWARG) if pending_request is not None else None
         if trace is not None:
@@ -195,26 +202,35 @@ class PrefixAffinityRouter(RequestRouter):
         # Every replica of the model, not just this call's candidates: what one follows is kept.
         replicas = list(getattr(self, "_replicas", {}).values()) or candidate_replicas
         endpoints = {r.replica_id.unique_id: (r.routing_stats or {}).get(KV_EVENTS_STAT) for r in replicas}
+        if not self._following:
+            # A router of a deleted model stops following its replicas when it is collected.
+            weakref.finalize(self, subscriber.unfollow, str(id(self)))
+            self._following = True
         subscriber.follow(str(id(self)), {rid: endpoint for rid, endpoint in endpoints.items() if endpoint})
         ids = [r.replica_id.unique_id for r in candidate_replicas]
-        if len(ids) < 2 or not all(endpoints.get(rid) and subscriber.in_step(rid) for rid in ids):
+        # Replicas out of step (just started, or their engine lost events) take part with an
+        # unknown cache: no run cached, never the emptiest.
+        in_step = [r for r in candidate_replicas if endpoints.get(r.replica_id.unique_id)]
+        in_step = [r for r in in_step if subscriber.in_step(r.replica_id.unique_id)]
+        if len(ids) < 2 or not in_step:
             return None
-        stats = candidate_replicas[0].routing_stats or {}
+        stats = in_step[0].routing_stats or {}
         tokenizer = loaded_tokenizer(stats[TOKENIZER_STAT]) if TOKENIZER_STAT in stats else None
         block_size = stats.get(BLOCK_SIZE_STAT)
         if tokenizer is None or not block_size:
             return None
-        if not self._precise_logged:
+        if not self._precise_logged and len(in_step) == len(ids):
             self._precise_logged = True
             logger.info("Routing on the KV-cache events of %d replicas (precise_prefix)", len(ids))
         blocks = await self._prompt_blocks(request, tokenizer, int(block_size))
         if not blocks:
             return None
         index = subscriber.index
+        known = [r.replica_id.unique_id for r in in_step]
         return CachedPrefixes(
             blocks,
-            {rid: index.cached_blocks(rid, blocks) for rid in ids},
-            {rid: index.held_blocks(rid) for rid in ids},
+            {rid: index.cached_blocks(rid, blocks) for rid in known},
+            {rid: index.held_blocks(rid) for rid in known},
         )
 
     async def _prompt_blocks(
@@ -268,8 +284,8 @@ def rank_by_cache(
     def held(replica: RunningReplica) -> int:
         return cached.cached.get(replica.replica_id.unique_id, 0)
 
-    def occupancy(replica: RunningReplica) -> int:
-        return cached.occupancy.get(replica.replica_id.unique_id, 0)
+    def occupancy(replica: RunningReplica) -> float:  # unknown (out of step): never the emptiest
+        return cached.occupancy.get(replica.replica_id.unique_id, math.inf)
 
     reachable = [r for r in replicas if within_reach(r)] or replicas
     best = max(held(r) for r in reachable)
