@@ -195,9 +195,9 @@ class PrefixAffinityRouter(RequestRouter):
     async def _cached_prefixes(
         self, candidate_replicas: list[RunningReplica], request: PendingRequest
     ) -> CachedPrefixes | None:
-        """How much of the request's prompt each candidate's engine holds; None (route by the
-        prefix hash) while a replica's events, its tokenizer or its block size are not known, or
-        the prompt is not one this router tokenizes."""
+        """How much of the request's prompt each in-step candidate's engine holds; None (route by
+        the prefix hash) while no replica's events, or the tokenizer or block size, are known, or
+        when the prompt is not one this router tokenizes."""
         subscriber = shared_subscriber()
         # Every replica of the model, not just this call's candidates: what one follows is kept.
         replicas = list(getattr(self, "_replicas", {}).values()) or candidate_replicas
