@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
+from scripts.fairness import percentile
+
 WORDS = (
     "order shipping refund parcel invoice account address delivery return warranty policy customer "
     "payment balance contract clause region quarter revenue forecast supplier inventory"
@@ -114,24 +116,20 @@ class ModelReport:
     ttfts_s: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
 
+    def ttft_s(self, q: float) -> float:
+        return percentile(self.ttfts_s, q) if self.ttfts_s else float("nan")
+
     def summary(self, ideal_cached: int) -> dict:
-        ttfts = sorted(self.ttfts_s)
         return {
             "model": self.model,
             "requests": self.requests,
             "errors": self.errors,
             "cached_share_of_prompt": round(self.cached_tokens / max(1, self.prompt_tokens), 3),
             "cached_share_of_ideal": round(self.cached_tokens / max(1, ideal_cached), 3),
-            "ttft_p50_ms": round(1000 * percentile(ttfts, 0.5), 1),
-            "ttft_p90_ms": round(1000 * percentile(ttfts, 0.9), 1),
+            "ttft_p50_ms": round(1000 * self.ttft_s(0.5), 1),
+            "ttft_p90_ms": round(1000 * self.ttft_s(0.9), 1),
             "requests_per_s": round(self.requests / max(self.elapsed_s, 1e-9), 2),
         }
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 async def ask(client: httpx.AsyncClient, model: str, messages: list[dict], report: ModelReport) -> None:

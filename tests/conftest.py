@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+TINY_CHAT = ROOT / "models" / "tiny-chat"
 CONFIGS = ROOT / "configs"
 
 

@@ -10,8 +10,8 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -28,11 +28,10 @@ from apps.routing.kv_index import (
 )
 from apps.routing.prompt_tokens import prompt_token_ids
 from apps.routing.router import CachedPrefixes, PrefixAffinityRouter, RoutingKnobs, rank_by_cache
-from tests.test_routing import FakeId, FakeReplica
+from tests.conftest import ROOT, TINY_CHAT
+from tests.test_routing import FakeId, FakePending, FakeReplica
 
 BLOCK = 4
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CHAT = ROOT / "models" / "tiny-chat"
 
 
 def stored(hashes: list[int], parent: int | None, tokens: list[int], extra_keys=None) -> dict:
@@ -183,36 +182,48 @@ def test_block_hashes_are_the_same_in_every_process():
     assert outputs == {f"{prompt_block_hashes(PROMPT, BLOCK, ('a',))}\n"}
 
 
-def test_a_mirror_republishes_an_engines_events_to_a_subscriber():
-    """Real ZMQ sockets, a stand-in engine publishing vLLM-shaped batches on the mirror's IPC
-    endpoint (vLLM's publisher binds it), and an ingress subscriber following the mirror."""
+@contextmanager
+def stand_in_engine(mirror: KVCacheMirror) -> Iterator[Callable[[int, list], None]]:
+    """A PUB socket bound on the mirror's IPC endpoint, as vLLM's publisher binds it; yields
+    `send(seq, events)`, which publishes one vLLM-shaped batch."""
     import msgspec
     import zmq
 
-    mirror = KVCacheMirror("replica-under-test")
-    engine_socket = zmq.Context.instance().socket(zmq.PUB)
-    engine_socket.bind(mirror.engine_endpoint)
-    subscriber = KVEventSubscriber(KVIndex())
-    subscriber.follow("router", {"replica-under-test": mirror.endpoint})
-    batches = [[stored([901, 902], None, PROMPT[:8])], [stored([903], 902, PROMPT[8:12])], [removed([902])]]
+    socket_ = zmq.Context.instance().socket(zmq.PUB)
+    socket_.bind(mirror.engine_endpoint)
     # The mirror connected before this socket was bound, as before an engine starts; ZMQ retries
     # the connection every 100 ms.
     time.sleep(1)
-    for seq, events in enumerate(batches):
-        engine_socket.send_multipart(
-            (b"", seq.to_bytes(8, "big"), msgspec.msgpack.encode([0.0, events, None]))
-        )
-    deadline = time.monotonic() + 20  # the subscriber is in step from the mirror's next snapshot
-    while subscriber.index.cached_blocks("replica-under-test", BLOCKS) != 1:
-        assert time.monotonic() < deadline, (
-            mirror.blocks.held,
-            subscriber.index.held_blocks("replica-under-test"),
-        )
-        time.sleep(0.05)
+
+    def send(seq: int, events: list) -> None:
+        socket_.send_multipart((b"", seq.to_bytes(8, "big"), msgspec.msgpack.encode([0.0, events, None])))
+
+    try:
+        yield send
+    finally:
+        socket_.close()
+        os.unlink(mirror.engine_endpoint.removeprefix("ipc://"))
+
+
+def test_a_mirror_republishes_an_engines_events_to_a_subscriber():
+    """Real ZMQ sockets, a stand-in engine publishing vLLM-shaped batches on the mirror's IPC
+    endpoint, and an ingress subscriber following the mirror."""
+    mirror = KVCacheMirror("replica-under-test")
+    subscriber = KVEventSubscriber(KVIndex())
+    subscriber.follow("router", {"replica-under-test": mirror.endpoint})
+    batches = [[stored([901, 902], None, PROMPT[:8])], [stored([903], 902, PROMPT[8:12])], [removed([902])]]
+    with stand_in_engine(mirror) as send:
+        for seq, events in enumerate(batches):
+            send(seq, events)
+        deadline = time.monotonic() + 20  # the subscriber is in step from the mirror's next snapshot
+        while subscriber.index.cached_blocks("replica-under-test", BLOCKS) != 1:
+            assert time.monotonic() < deadline, (
+                mirror.blocks.held,
+                subscriber.index.held_blocks("replica-under-test"),
+            )
+            time.sleep(0.05)
     assert subscriber.in_step("replica-under-test")
     assert subscriber.index.held_blocks("replica-under-test") == 2  # 901 and 903
-    engine_socket.close()
-    os.unlink(mirror.engine_endpoint.removeprefix("ipc://"))
 
 
 REPLICAS = [FakeReplica(FakeId(name)) for name in ("r1", "r2", "r3")]
@@ -337,36 +348,13 @@ def test_a_completion_is_tokenized_with_its_special_tokens_and_others_are_not_to
 
 
 def test_a_mirror_that_lost_engine_batches_stops_and_lets_go_of_its_sockets():
-    import msgspec
-    import zmq
-
     mirror = KVCacheMirror("replica-with-a-gap")
-    engine_socket = zmq.Context.instance().socket(zmq.PUB)
-    engine_socket.bind(mirror.engine_endpoint)
-    time.sleep(1)  # the mirror's connection (ZMQ retries every 100 ms)
-    for seq in (0, 2):  # batch 1 lost
-        events = [stored([900 + seq], None, [seq] * BLOCK)]
-        engine_socket.send_multipart(
-            (b"", seq.to_bytes(8, "big"), msgspec.msgpack.encode([0.0, events, None]))
-        )
-    mirror._thread.join(timeout=10)
+    with stand_in_engine(mirror) as send:
+        for seq in (0, 2):  # batch 1 lost
+            send(seq, [stored([900 + seq], None, [seq] * BLOCK)])
+        mirror._thread.join(timeout=10)
     assert not mirror._thread.is_alive()
     assert len(mirror.blocks.held) == 1  # batch 2 was not applied
-    engine_socket.close()
-    os.unlink(mirror.engine_endpoint.removeprefix("ipc://"))
-
-
-@dataclass(frozen=True)
-class StatsReplica:
-    replica_id: FakeId
-    routing_stats: dict
-    max_ongoing_requests: int = 8
-
-
-@dataclass
-class Pending:
-    args: list
-    kwargs: dict
 
 
 class FakeSubscriber:
@@ -407,16 +395,16 @@ def precise(monkeypatch):
     return instance, index, tokenizations
 
 
-def route(instance, replicas) -> tuple[list[str], Pending]:
+def route(instance, replicas) -> tuple[list[str], FakePending]:
     body = {"model": "m", "messages": [{"role": "user", "content": "x" * 600}]}
-    request = Pending(["chat", body], {"routing": RoutingKnobs(precise_prefix=True)})
+    request = FakePending(["chat", body], {"routing": RoutingKnobs(precise_prefix=True)})
     ranks = asyncio.run(instance.choose_replicas(replicas, request))
     return [r.replica_id.unique_id for r in ranks[0]], request
 
 
-def publishing(*names: str) -> list[StatsReplica]:
+def publishing(*names: str) -> list[FakeReplica]:
     stats = {"kv_events": "tcp://127.0.0.1:1", "block_size": BLOCK, "tokenizer": "/nowhere"}
-    return [StatsReplica(FakeId(name), stats) for name in names]
+    return [FakeReplica(FakeId(name), routing_stats=stats) for name in names]
 
 
 def test_precise_routing_sends_a_prompt_to_the_replica_caching_it(precise):

@@ -5,7 +5,7 @@ router is measured on the real stack in tests/test_routing_cache.py."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
@@ -33,6 +33,7 @@ class FakeId:
 class FakeReplica:
     replica_id: FakeId
     max_ongoing_requests: int = 8
+    routing_stats: dict = field(default_factory=dict, hash=False, compare=False)  # `record_routing_stats`
 
 
 @dataclass

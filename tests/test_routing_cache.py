@@ -17,17 +17,15 @@ import asyncio
 import random
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from apps.routing.prompt_tokens import prompt_token_ids
 from scripts.prefix_routing import Workload, ideal_cached_tokens, run
-from tests.conftest import app_args, ingress_log_line, serve_app
+from tests.conftest import TINY_CHAT, app_args, ingress_log_line, serve_app
 
 PORT = 18520
-TINY_CHAT = Path(__file__).resolve().parents[1] / "models" / "tiny-chat"
 # The multi-tenant workload's prompts fill 7 blocks (3 of preamble, 4 of tenant context): all 12
 # tenants on one replica would need 51, each half 27.
 PRECISE_KV_BLOCKS = 36
