@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -166,39 +167,43 @@ async def coalesce(
     consumer stops early (closed, or its task cancelled because the client left), the drain task
     is cancelled: the CancelledError raised inside vLLM's generator makes vLLM abort the request.
     """
-    queue: asyncio.Queue[tuple[str, int] | BaseException | _EndOfStream] = asyncio.Queue()
+    queue: deque[tuple[str, int] | BaseException | _EndOfStream] = deque()
+    # Set when the consumer has a message to send: enough events, or the stream's end. The
+    # consumer is woken once a message, not once an event.
+    ready = asyncio.Event()
+    wanted = 1  # the first message goes as soon as anything is ready
+
+    def put(item: tuple[str, int] | BaseException | _EndOfStream) -> None:
+        queue.append(item)
+        if not isinstance(item, tuple) or len(queue) >= wanted:
+            ready.set()
 
     async def drain() -> None:
         try:
             async for event in events:
-                queue.put_nowait((event, progress()))
+                put((event, progress()))
         except Exception as exc:  # handed to the consumer, which re-raises it
-            queue.put_nowait(exc)
+            put(exc)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # cancelled by the consumer below: it is leaving
             # The source itself was cancelled: the client must not see a silently cut stream.
-            queue.put_nowait(RuntimeError("the engine stream was cancelled"))
+            put(RuntimeError("the engine stream was cancelled"))
         finally:
-            queue.put_nowait(_END)
+            put(_END)
 
     task = asyncio.create_task(drain())
-    wanted = 1  # the first message goes as soon as anything is ready
     try:
         while True:
-            items = [await queue.get()]
-            while True:
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                # The queue's last item is the only one that can end the stream.
-                if not isinstance(items[-1], tuple) or len(items) >= wanted:
-                    break
-                items.append(await queue.get())
+            await ready.wait()
+            ready.clear()
+            items = list(queue)  # everything queued so far
+            queue.clear()
             wanted = group_size()
-            ready = [item for item in items if isinstance(item, tuple)]
-            if ready:
-                yield "".join(event for event, _ in ready).encode(), ready[-1][1]
+            ready_events = [item for item in items if isinstance(item, tuple)]
+            if ready_events:
+                yield "".join(event for event, _ in ready_events).encode(), ready_events[-1][1]
             for item in items:
                 if isinstance(item, BaseException):
                     raise item
