@@ -5,11 +5,15 @@ requests run against one or several OpenAI-compatible servers, alternated round 
         --target gateway=http://127.0.0.1:8000 --requests 600 --concurrency 16 --max-tokens 1
 
 Throughput on a shared, noisy machine drifts by a third between runs of the same server; the CPU
-a process spends for the same requests hardly moves. Each process is put in a role by its command
-line (ROLES), and each role's CPU milliseconds per request is reported as the median over the
-rounds. Run it once with `--max-tokens 1` (what a request costs) and once with many tokens (what
-each streamed token adds). The engine's own processes poll while they wait for each other, so
-their CPU follows wall time more than work: compare the front ends.
+a process spends for the same requests moves less, and the ratio of two servers' front ends
+measured in the same run less still: compare those ratios, not rows of different runs. Each
+process on the machine is put in a role by its command line (ROLES), so run it where nothing else
+runs; each role's CPU milliseconds per request is reported as the median over the rounds. Both
+servers stay up, so each column also holds the other server's idle processes and Ray's daemons,
+whose CPU grows with the run's length (the slower server's run is longer). Run it once with
+`--max-tokens 1` (what a request costs) and once with many tokens (what each streamed token
+adds). The engine's own processes poll while they wait for each other, so their CPU follows wall
+time more than work: compare the front ends.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ ROLES = [
     ("engine worker", r"VLLM::Worker"),
     ("vLLM API server", r"vllm\.entrypoints\.openai\.api_server"),
     ("gateway ingress", r"ServeReplica:[^ ]*:ingress"),
-    ("gateway model replica", r"ServeReplica:model-"),
+    ("gateway model replica", r"ServeReplica:[^: ]*:model-"),  # not the app's idle entrypoint
     ("HAProxy", r"haproxy"),
     (
         "Ray and Serve daemons",
@@ -94,7 +98,10 @@ def measure(args: argparse.Namespace, url: str) -> tuple[dict[str, float], float
     per_role: dict[str, float] = defaultdict(float)
     for pid, (role, seconds) in after.items():
         role = CLIENT if pid == os.getpid() else role
-        per_role[role] += (seconds - before.get(pid, (role, 0.0))[1]) * 1000 / args.requests
+        per_role[role] += max(0.0, seconds - before.get(pid, (role, 0.0))[1]) * 1000 / args.requests
+    ended = [pid for pid in before if pid not in after]
+    if ended:  # their CPU during the run is lost with them
+        print(f"{len(ended)} processes ended during the run and are not counted: {ended[:8]}")
     return per_role, args.requests / elapsed
 
 

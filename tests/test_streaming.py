@@ -78,6 +78,43 @@ def test_a_group_is_cut_short_by_the_end_of_the_stream_or_an_error():
     assert asyncio.run(run(fail=True)) == [b"e0", b"e1e2"]
 
 
+def test_events_that_arrive_while_a_message_is_being_sent_make_the_next_message():
+    """The consumer may be busy sending while the engine goes on: what arrived meanwhile is the
+    next message as soon as it is a group (of the group size read after the last message), even
+    if the engine then stalls."""
+    feed: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def engine():
+        while (event := await feed.get()) is not None:
+            yield event
+
+    async def settle():
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def run():
+        chunks = coalesce(engine(), group_size=iter([3, 1, 1, 1]).__next__)
+        try:
+            feed.put_nowait("a")
+            first = await asyncio.wait_for(anext(chunks), 1)
+            for event in "bcd":  # while "a" is being sent; the next message wants 3
+                feed.put_nowait(event)
+            await settle()
+            second = await asyncio.wait_for(anext(chunks), 1)
+            feed.put_nowait("e")  # while "bcd" is being sent; the next message wants 1
+            await settle()
+            third = await asyncio.wait_for(anext(chunks), 1)  # the engine is stalled now
+            feed.put_nowait(None)
+            await settle()
+            with pytest.raises(StopAsyncIteration):
+                await asyncio.wait_for(anext(chunks), 1)
+            return [first[0], second[0], third[0]]
+        finally:
+            await chunks.aclose()
+
+    assert asyncio.run(run()) == [b"a", b"bcd", b"e"]
+
+
 @pytest.mark.parametrize(
     ("open_streams", "budget", "expected"),
     [(1, 8, 1), (8, 8, 1), (9, 8, 2), (32, 8, 4), (33, 8, 5), (64, None, 1), (1, 1, 1), (3, 1, 3)],

@@ -197,8 +197,10 @@ async def coalesce(
     try:
         while True:
             await ready.wait()
+            # Clear, take everything queued so far, then set the next size, all before the
+            # yield: whatever arrives while the message is sent is judged by the new size.
             ready.clear()
-            items = list(queue)  # everything queued so far
+            items = list(queue)
             queue.clear()
             wanted = group_size()
             ready_events = [item for item in items if isinstance(item, tuple)]
