@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import re
 import statistics
-import time
 from collections import defaultdict
 
-import aiohttp
+from scripts.loadgen import run_load
+from scripts.workloads import RequestSpec
 
 # (role, pattern on "comm | cmdline"), first match wins; anything else is "other".
 ROLES = [
@@ -63,37 +64,26 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
     return found
 
 
-async def drive(url: str, model: str, requests: int, concurrency: int, max_tokens: int) -> float:
-    """Send `requests` streaming chats, `concurrency` at a time; returns the seconds taken."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "Tell me a story. " * 25}],
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    left = requests
-
-    async def one_client(session: aiohttp.ClientSession) -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            async with session.post(f"{url}/v1/chat/completions", json=body) as response:
-                response.raise_for_status()
-                async for _ in response.content.iter_any():
-                    pass
-
-    async with aiohttp.ClientSession() as session:
-        started = time.monotonic()
-        await asyncio.gather(*(one_client(session) for _ in range(concurrency)))
-        return time.monotonic() - started
+def drive(url: str, model: str, requests: int, concurrency: int, max_tokens: int) -> float:
+    """Send `requests` streaming chats, `concurrency` at a time (`scripts.loadgen.run_load`);
+    returns the seconds taken. Any failed request fails the run: its CPU would be no request's."""
+    spec = RequestSpec(
+        [{"role": "user", "content": "Tell me a story. " * 25}], max_tokens, extra={"ignore_eos": True}
+    )
+    results, elapsed = asyncio.run(
+        run_load(url, model, [spec] * requests, rate=math.inf, concurrency=concurrency)
+    )
+    failed = [result for result in results if result.status != 200]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {requests} requests to {url} failed: {failed[0].error}")
+    return elapsed
 
 
 def measure(args: argparse.Namespace, url: str) -> tuple[dict[str, float], float]:
     """One run: CPU milliseconds per request of each role, and requests per second."""
-    asyncio.run(drive(url, args.model, 2 * args.concurrency, args.concurrency, args.max_tokens))  # warm
+    drive(url, args.model, 2 * args.concurrency, args.concurrency, args.max_tokens)  # warm
     before = cpu_seconds()
-    elapsed = asyncio.run(drive(url, args.model, args.requests, args.concurrency, args.max_tokens))
+    elapsed = drive(url, args.model, args.requests, args.concurrency, args.max_tokens)
     after = cpu_seconds()
     per_role: dict[str, float] = defaultdict(float)
     for pid, (role, seconds) in after.items():
