@@ -37,6 +37,8 @@ from typing import Any
 
 import httpx
 
+from scripts.sse import aiter_sse_lines
+
 COMPLETE = "complete"
 PROMPT = "Tell me about the weather in the mountains."
 DONE_LINE = "data: [DONE]"
@@ -197,7 +199,7 @@ class Drill:
                     text = (await response.aread()).decode(errors="replace")
                     kind = f"status:{response.status_code}:{_error_code(text)}"
                     return Outcome(kind, started, self._now(), 0, text[:200])
-                async for line in response.aiter_lines():
+                async for line in aiter_sse_lines(response):
                     if line.startswith("data: "):
                         lines.append(line)
         except httpx.HTTPError as exc:

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
+from scripts.sse import aiter_sse_lines
+
 PROMPT = "Tell me about the weather in the mountains."
 
 
@@ -127,7 +129,7 @@ async def stream_once(
         if response.status_code != 200:
             await response.aread()
             return response.status_code, None, 0
-        async for line in response.aiter_lines():
+        async for line in aiter_sse_lines(response):
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[len("data: ") :])

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from scripts.sse import aiter_sse_lines
 from scripts.workloads import WORKLOADS, RequestSpec, make_workload
 
 PERCENTILES = (50, 95, 99)
@@ -72,7 +73,7 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Req
             if response.status_code != 200:
                 await response.aread()
                 return RequestResult(response.status_code, error=response.text[:200])
-            async for line in response.aiter_lines():
+            async for line in aiter_sse_lines(response):
                 if not line.startswith("data: {"):
                     continue
                 now = time.perf_counter()

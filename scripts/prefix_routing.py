@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 import httpx
 
 from scripts.fairness import percentile
+from scripts.sse import aiter_sse_lines
 
 WORDS = (
     "order shipping refund parcel invoice account address delivery return warranty policy customer "
@@ -149,7 +150,7 @@ async def ask(client: httpx.AsyncClient, model: str, messages: list[dict], repor
             await response.aread()
             report.errors += 1
             return
-        async for line in response.aiter_lines():
+        async for line in aiter_sse_lines(response):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])

@@ -24,6 +24,7 @@ from ray import serve
 
 from apps.edge.auth import key_hash
 from scripts.fairness import FairnessSettings, measure, percentile
+from scripts.sse import iter_sse_lines
 from tests.conftest import app_args, serve_app
 
 PORT = 18300
@@ -188,7 +189,7 @@ def test_a_stream_the_client_leaves_is_charged_only_what_it_generated(gateway):
     with httpx.stream("POST", CHAT, json=body, headers=auth("tpm2000"), timeout=60) as response:
         assert response.status_code == 200
         assert int(response.headers["x-ratelimit-remaining-tokens"]) < 2000 - 500
-        lines = response.iter_lines()  # held: dropping it would disconnect too early
+        lines = iter_sse_lines(response)  # held: dropping it would disconnect too early
         events = 0
         for line in lines:
             events += line.startswith("data: {")

@@ -22,6 +22,7 @@ from ray import serve
 from ray.util.state import list_actors
 
 from apps.builder import deployment_name
+from scripts.sse import iter_sse_lines
 from tests.conftest import app_args, driver_handle, serve_app
 
 PORT = 18200
@@ -62,7 +63,7 @@ def test_client_disconnect_aborts_the_engine_request(gateway):
     with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, timeout=60) as response:
         started, tokens = time.monotonic(), 0
         # Hold the iterator: a dropped one closes the response, i.e. disconnects too early.
-        lines = response.iter_lines()
+        lines = iter_sse_lines(response)
         for line in lines:
             if line.startswith("data: {"):
                 for choice in json.loads(line[len("data: ") :])["choices"]:

@@ -20,6 +20,7 @@ from ray import serve
 from ray.util.state import list_placement_groups
 
 from apps.builder import deployment_name
+from scripts.sse import iter_sse_lines
 from tests.conftest import app_args, driver_handle, serve_app
 
 PORT = 18000
@@ -281,7 +282,7 @@ def test_stream_is_server_sent_events_ending_with_done(gateway):
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        events = [line for line in response.iter_lines() if line]
+        events = [line for line in iter_sse_lines(response) if line]
     assert events[-1] == "data: [DONE]"
     assert all(event.startswith("data: ") for event in events)
     assert json.loads(events[0][len("data: ") :])["object"] == "chat.completion.chunk"
