@@ -32,7 +32,8 @@ class LineSplitter:
 
 
 def _decoded(line: bytes) -> str:
-    return line.removesuffix(b"\r").decode()
+    # As httpx's readers do: a bad byte becomes U+FFFD, not an error that ends a benchmark run.
+    return line.removesuffix(b"\r").decode(errors="replace")
 
 
 def iter_sse_lines(response: httpx.Response) -> Iterator[str]:
