@@ -36,6 +36,11 @@ def _decoded(line: bytes) -> str:
     return line.removesuffix(b"\r").decode(errors="replace")
 
 
+def sse_lines(body: str) -> list[str]:
+    """The lines of a whole SSE body already read."""
+    return [line.removesuffix("\r") for line in body.split("\n")]
+
+
 def iter_sse_lines(response: httpx.Response) -> Iterator[str]:
     """The lines of a streamed response's body, as they arrive."""
     splitter = LineSplitter()

@@ -24,7 +24,7 @@ from ray import serve
 
 from apps.edge.auth import key_hash
 from scripts.fairness import FairnessSettings, measure, percentile
-from scripts.sse import iter_sse_lines
+from scripts.sse import iter_sse_lines, sse_lines
 from tests.conftest import app_args, serve_app
 
 PORT = 18300
@@ -440,7 +440,7 @@ def test_the_server_still_serves_after_the_bad_requests(gateway):
 
 def stream_usage(response: httpx.Response) -> dict:
     """The usage event of a streamed answer (requested with stream_options.include_usage)."""
-    for line in response.text.splitlines():
+    for line in sse_lines(response.text):
         if line.startswith("data: {") and '"usage":{' in line.replace(" ", ""):
             event = json.loads(line[len("data: ") :])
             if event.get("usage") and not event.get("choices"):

@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from apps.edge.auth import key_hash
 from apps.endpoints import ENDPOINTS
 from apps.engine.model_server import _known_fields, _protocol_model
+from scripts.sse import sse_lines
 from tests.conftest import ROOT, app_args, deploy, ingress_log_line, serve_app
 
 PORT = 18830
@@ -272,7 +273,7 @@ def shape(response: httpx.Response) -> Any:
     inside it), or a stream's event names in order (consecutive repeats counted once) and
     whether it ends with `[DONE]`."""
     if response.headers.get("content-type", "").startswith("text/event-stream"):
-        events = [line.removeprefix("event: ") for line in response.text.splitlines() if line.startswith("event: ")]
+        events = [line.removeprefix("event: ") for line in sse_lines(response.text) if line.startswith("event: ")]
         names = [name for i, name in enumerate(events) if i == 0 or events[i - 1] != name]
         return names, response.text.rstrip().endswith("data: [DONE]")
     body = response.json()

@@ -22,7 +22,7 @@ from ray import serve
 from ray.util.state import list_actors
 
 from apps.builder import deployment_name
-from scripts.sse import iter_sse_lines
+from scripts.sse import iter_sse_lines, sse_lines
 from tests.conftest import app_args, driver_handle, serve_app
 
 PORT = 18200
@@ -107,7 +107,7 @@ def test_stream_past_its_total_timeout_ends_with_a_timeout_event(gateway):
     body = LONG | {"stream": True}
     response = httpx.post(f"{gateway}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 200
-    events = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in sse_lines(response.text) if line.startswith("data: ")]
     assert events[-1] == "[DONE]", events[-3:]
     assert json.loads(events[-2])["error"]["code"] == "timeout", events[-2]
     tokens = sum(len(json.loads(e)["choices"][0]["delta"].get("content") or "") > 0 for e in events[:-2])

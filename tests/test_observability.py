@@ -36,6 +36,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from apps.edge.auth import key_hash
+from scripts.sse import sse_lines
 from tests.conftest import ROOT, app_args, replica_log_lines, serve_app, warm_up_and_first_request
 from tests.promql import ALERTS, alert_metric_names, dashboard_exprs, dashboard_metric_names
 
@@ -281,7 +282,7 @@ class Seen:
 
 
 def stream_usage(text: str) -> dict[str, int]:
-    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in sse_lines(text) if line.startswith("data: ")]
     assert events[-1] == "[DONE]", events[-3:]
     return json.loads(events[-2])["usage"]
 

@@ -8,7 +8,7 @@ import json
 
 import httpx
 
-from scripts.sse import LineSplitter, aiter_sse_lines, iter_sse_lines
+from scripts.sse import LineSplitter, aiter_sse_lines, iter_sse_lines, sse_lines
 
 # Characters str.splitlines (and so httpx's iter_lines) breaks at, which JSON leaves unescaped.
 LINE_BREAKS_TO_PYTHON = "\x85\u2028\u2029"
@@ -42,3 +42,7 @@ def test_the_readers_of_a_response_split_the_same_way_and_keep_an_unfinished_las
         return [line async for line in aiter_sse_lines(httpx.Response(200, content=chunks()))]
 
     assert asyncio.run(read()) == expected
+
+
+def test_a_whole_body_splits_as_the_stream_does():
+    assert sse_lines(STREAM.decode()) == [EVENT, "", "data: [DONE]", "", ""]
